@@ -1,0 +1,24 @@
+"""sessions_sql: an async SQL session store on SQLAlchemy 2, for PostgreSQL and SQLite.
+
+A session is a set of named byte values plus its creation time. :class:`SQLAlchemyBackend`
+stores sessions in two tables managed by the packaged Alembic migrations (:func:`migrate`);
+:class:`MemoryBackend` keeps them in memory for tests.
+"""
+
+from ._backend import SQLAlchemyBackend
+from ._memory import MemoryBackend
+from ._migrate import include_name, migrate
+from ._protocol import BackendError, SessionBackend, SessionError, SessionsSQLError
+
+__all__ = [
+    "BackendError",
+    "MemoryBackend",
+    "SQLAlchemyBackend",
+    "SessionBackend",
+    "SessionError",
+    "SessionsSQLError",
+    "include_name",
+    "migrate",
+]
+
+__version__ = "0.1.0"

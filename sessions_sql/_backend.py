@@ -1,0 +1,345 @@
+"""SQLAlchemyBackend: the session protocol on an SQLAlchemy 2 ``AsyncEngine``.
+
+Each call validates its input, then runs one prepared script (see ``_dialects``) on a
+pooled connection in autocommit mode: a single statement is its own transaction (one
+round trip), a longer script runs between an explicit BEGIN and COMMIT. Database errors
+become :class:`BackendError` with the driver's exception chained.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ._dialects import Params, Script, dialect_for
+from ._protocol import (
+    BackendError,
+    check_batch_size,
+    check_cutoff,
+    check_key,
+    check_session_id,
+    check_value,
+)
+from .models import Base
+
+__all__ = ["SQLAlchemyBackend"]
+
+# A write racing the removal of its session can fail its foreign-key check (the session
+# row vanished after the statement's snapshot); running it again creates the session anew.
+_FOREIGN_KEY_VIOLATION = "23503"
+_FOREIGN_KEY_ATTEMPTS = 5
+
+#: Default number of sessions deleted per statement and transaction by the collector.
+DEFAULT_BATCH_SIZE = 5000
+
+
+def _timestamp(created_at: datetime) -> int:
+    """Whole Unix seconds of a datetime; a naive one (SQLite) is UTC."""
+    return calendar.timegm(created_at.utctimetuple())
+
+
+def _backend_error(operation: str, error: Exception) -> BackendError:
+    """A BackendError for a failed operation; the message names no id, key or value."""
+    if isinstance(error, StatementError):
+        # The chained exception must not print the statement's parameters (ids, values).
+        error.hide_parameters = True
+    if isinstance(error, PoolTimeoutError):
+        reason = "connection pool exhausted: no connection became free within the pool timeout"
+    else:
+        orig = getattr(error, "orig", None) or error
+        reason = f"the database raised {type(orig).__name__}"
+        sqlstate = getattr(orig, "sqlstate", None)
+        if sqlstate:
+            reason += f" (SQLSTATE {sqlstate})"
+    return BackendError(f"{operation} failed: {reason}")
+
+
+class SQLAlchemyBackend:
+    """Sessions stored in the ``sessions`` and ``session_values`` tables of a SQL database.
+
+    Works on PostgreSQL (asyncpg) and SQLite (aiosqlite). The tables must exist: create
+    them with :func:`sessions_sql.migrate` (or :meth:`create_all` in tests). No DDL runs
+    implicitly. The engine's pool is shared; each call checks out a connection for one
+    short transaction.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        schema: str | None = None,
+        max_value_bytes: int | None = None,
+    ) -> None:
+        """Use ``engine`` (owned by the caller, who disposes of it).
+
+        ``schema`` places the tables in that PostgreSQL schema; ``max_value_bytes``
+        refuses larger values with ``ValueError``.
+        """
+        if not isinstance(engine, AsyncEngine):
+            raise TypeError(f"engine must be an AsyncEngine, not {type(engine).__name__}")
+        if schema is not None:
+            if not isinstance(schema, str) or not schema:
+                raise ValueError("schema must be a non-empty str or None")
+            if engine.dialect.name != "postgresql":
+                raise ValueError("schema is supported on PostgreSQL only")
+        if max_value_bytes is not None and (
+            not isinstance(max_value_bytes, int)
+            or isinstance(max_value_bytes, bool)
+            or max_value_bytes < 0
+        ):
+            raise ValueError("max_value_bytes must be a non-negative int or None")
+        self._engine = engine
+        self._sql = dialect_for(engine.dialect.name)
+        self._schema = schema
+        self._max_value_bytes = max_value_bytes
+        self._owns_engine = False
+        options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
+        if schema is not None:
+            options["schema_translate_map"] = {None: schema}
+        self._autocommit = engine.execution_options(**options)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | URL,
+        *,
+        schema: str | None = None,
+        max_value_bytes: int | None = None,
+        **engine_kw: Any,
+    ) -> SQLAlchemyBackend:
+        """Create a backend owning a new engine for ``url``; close it with :meth:`close`.
+
+        ``engine_kw`` go to :func:`~sqlalchemy.ext.asyncio.create_async_engine`. A SQLite
+        file database is switched to WAL mode so that readers do not wait for writers.
+        """
+        engine = create_async_engine(url, **engine_kw)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_wal)
+        try:
+            backend = cls(engine, schema=schema, max_value_bytes=max_value_bytes)
+        except BaseException:
+            engine.sync_engine.dispose()
+            raise
+        backend._owns_engine = True
+        return backend
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine this backend runs on."""
+        return self._engine
+
+    @property
+    def schema(self) -> str | None:
+        """The PostgreSQL schema holding the tables, or ``None`` for the default."""
+        return self._schema
+
+    async def close(self) -> None:
+        """Dispose of the engine if this backend created it (``from_url``); else do nothing."""
+        if self._owns_engine:
+            await self._engine.dispose()
+
+    async def __aenter__(self) -> SQLAlchemyBackend:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"SQLAlchemyBackend(dialect={self._sql.name!r}, schema={self._schema!r})"
+
+    async def create_all(self) -> None:
+        """Create the tables directly, without migrations: for tests and prototypes only.
+
+        Applications create them with :func:`sessions_sql.migrate` so that the schema stays
+        under Alembic's control.
+        """
+        try:
+            async with self._engine.begin() as conn:
+                if self._schema is not None:
+                    conn = await conn.execution_options(schema_translate_map={None: self._schema})
+                await conn.run_sync(Base.metadata.create_all)
+        except (SQLAlchemyError, OSError) as error:
+            raise _backend_error("create_all", error) from error
+
+    # The six protocol methods.
+
+    async def get_sessions(self) -> list[str]:
+        """Return the ids of all sessions (with or without values), in any order.
+
+        For many sessions prefer :meth:`iter_sessions`, which pages through them.
+        """
+        result = await self._run("get_sessions", self._sql.get_sessions, {})
+        return list(result.scalars())
+
+    async def get_session_age(self, session_id: str) -> int | None:
+        """Return the session's creation time in whole Unix seconds (UTC), or ``None``.
+
+        A timestamp, not an age (the name comes from the original protocol).
+        """
+        params = {"sid": check_session_id(session_id)}
+        result = await self._run("get_session_age", self._sql.get_session_age, params)
+        created_at = result.scalar_one_or_none()
+        return None if created_at is None else _timestamp(created_at)
+
+    async def remove_session(self, session_id: str) -> None:
+        """Remove the session and all its values; a missing session is not an error."""
+        params = {"sid": check_session_id(session_id)}
+        await self._run("remove_session", self._sql.remove_session, params)
+
+    async def read_value(self, session_id: str, key: str) -> bytes | None:
+        """Return the value under ``key``, or ``None`` if the session or the key is missing."""
+        params = {"sid": check_session_id(session_id), "key": check_key(key)}
+        result = await self._run("read_value", self._sql.read_value, params)
+        value: bytes | None = result.scalar_one_or_none()
+        return value
+
+    async def write_value(self, session_id: str, key: str, value: bytes) -> None:
+        """Insert or replace one value, creating the session if it does not exist."""
+        params = {
+            "sid": check_session_id(session_id),
+            "key": check_key(key),
+            "value": check_value(value, self._max_value_bytes),
+        }
+        await self._run("write_value", self._sql.write_value, params)
+
+    async def remove_value(self, session_id: str, key: str) -> None:
+        """Remove one value; missing session or key is not an error, the session stays."""
+        params = {"sid": check_session_id(session_id), "key": check_key(key)}
+        await self._run("remove_value", self._sql.remove_value, params)
+
+    # Batch helpers.
+
+    async def read_values(self, session_id: str) -> dict[str, bytes]:
+        """Return all values of a session as a dict (empty if the session is missing)."""
+        params = {"sid": check_session_id(session_id)}
+        result = await self._run("read_values", self._sql.read_values, params)
+        return {row[0]: row[1] for row in result}
+
+    async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None:
+        """Insert or replace several values at once, atomically, creating the session if
+        needed. An empty mapping writes nothing and creates no session."""
+        sid = check_session_id(session_id)
+        if not isinstance(values, Mapping):
+            raise TypeError(f"values must be a mapping, not {type(values).__name__}")
+        checked = {
+            check_key(key): check_value(value, self._max_value_bytes, what=f"values[{i}]")
+            for i, (key, value) in enumerate(values.items())
+        }
+        if not checked:
+            return
+        params = self._sql.write_values_params(sid, checked)
+        await self._run("write_values", self._sql.write_values, params)
+
+    async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
+        """Remove several values at once, atomically; missing keys are ignored."""
+        sid = check_session_id(session_id)
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+            raise TypeError(f"keys must be an iterable of str, not {type(keys).__name__}")
+        checked = list(dict.fromkeys(check_key(key) for key in keys))
+        if not checked:
+            return
+        params = self._sql.remove_values_params(sid, checked)
+        await self._run("remove_values", self._sql.remove_values, params)
+
+    async def iter_sessions(self, batch_size: int = 1000) -> AsyncIterator[str]:
+        """Yield every session id, fetching ``batch_size`` ids per query (keyset pagination),
+        so memory stays flat however many sessions there are. Ids come in sorted order."""
+        limit = check_batch_size(batch_size)
+        after = ""
+        while True:
+            params = {"after": after, "limit": limit}
+            result = await self._run("iter_sessions", self._sql.page_sessions, params)
+            ids: list[str] = list(result.scalars())
+            for session_id in ids:
+                yield session_id
+            if len(ids) < limit:
+                return
+            after = ids[-1]
+
+    async def remove_sessions_created_before(
+        self, cutoff: datetime | float, *, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> int:
+        """Remove every session created before ``cutoff`` and return how many.
+
+        ``cutoff`` is a timezone-aware datetime or Unix seconds; creation times count in whole
+        seconds, as :meth:`get_session_age` reports them. Deletes ``batch_size``
+        sessions per statement and transaction; on PostgreSQL sessions locked by a running
+        write are skipped (left for the next pass), never waited for.
+        """
+        params = {
+            "cutoff": self._sql.cutoff_param(check_cutoff(cutoff)),
+            "limit": check_batch_size(batch_size),
+        }
+        removed = 0
+        while True:
+            result = await self._run(
+                "remove_sessions_created_before", self._sql.remove_created_before, params
+            )
+            count: int = result.rowcount
+            removed += count
+            if count < batch_size:
+                return removed
+
+    # Execution.
+
+    async def _run(self, operation: str, script: Script, params: Params) -> Any:
+        """Run ``script`` in one transaction, retrying when that is safe; map errors.
+
+        Returns the buffered ``CursorResult`` of the script's last statement.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._autocommit.connect() as conn:
+                    if len(script) == 1 and not isinstance(params, list):
+                        return await conn.execute(script[0], params)
+                    return await self._transaction(conn, script, params)
+            except DBAPIError as error:
+                # Every operation is idempotent: a connection that went stale in the pool
+                # (server restart) is retried once on a fresh one; the pool has already
+                # invalidated its other old connections.
+                if error.connection_invalidated and attempt == 1:
+                    continue
+                sqlstate = getattr(error.orig, "sqlstate", None)
+                if sqlstate == _FOREIGN_KEY_VIOLATION and attempt < _FOREIGN_KEY_ATTEMPTS:
+                    continue
+                raise _backend_error(operation, error) from error
+            except (SQLAlchemyError, OSError) as error:
+                raise _backend_error(operation, error) from error
+
+    async def _transaction(self, conn: AsyncConnection, script: Script, params: Params) -> Any:
+        await conn.exec_driver_sql(self._sql.begin)
+        try:
+            for statement in script:
+                result = await conn.execute(statement, params)
+            await conn.exec_driver_sql("COMMIT")
+        except BaseException:
+            try:
+                await conn.exec_driver_sql("ROLLBACK")
+            except BaseException:
+                await conn.invalidate()
+            raise
+        return result
+
+
+def _sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()

@@ -1,0 +1,106 @@
+"""Alembic environment of sessions_sql's own migrations.
+
+Run from code (``sessions_sql.migrate``, which passes a connection), or from the command line
+(``alembic -n <section> upgrade head``, where the section sets
+``script_location = sessions_sql:migrations``). The database URL comes from the section's
+``sqlalchemy.url``, else ``SESSIONS_SQL_URL``, else ``sqlite+aiosqlite:///sessions.db``. The
+PostgreSQL schema comes from ``-x schema=NAME``, else the section's ``schema`` option.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from alembic import context
+from sqlalchemy import Connection, create_engine, pool, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.schema import CreateSchema
+
+from sessions_sql._migrate import VERSION_TABLE
+from sessions_sql.models import Base
+
+DEFAULT_URL = "sqlite+aiosqlite:///sessions.db"
+# Serialises concurrent migrators on PostgreSQL (an arbitrary constant: "sessions_sql" in hex).
+ADVISORY_LOCK_KEY = 0x73657373696F6E73
+
+config = context.config
+
+
+def _schema() -> str | None:
+    schema = config.attributes.get("schema")
+    if schema is None:
+        schema = context.get_x_argument(as_dictionary=True).get("schema")
+    if schema is None:
+        schema = config.get_main_option("schema")
+    return schema or None
+
+
+def _url() -> str:
+    return (
+        config.get_main_option("sqlalchemy.url")
+        or os.environ.get("SESSIONS_SQL_URL")
+        or DEFAULT_URL
+    )
+
+
+def _configure(**kw: Any) -> None:
+    context.configure(
+        target_metadata=Base.metadata,
+        version_table=VERSION_TABLE,
+        version_table_schema=_schema(),
+        **kw,
+    )
+
+
+def run_offline() -> None:
+    _configure(url=_url(), literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_on(connection: Connection) -> None:
+    schema = _schema()
+    if schema is not None and connection.dialect.name == "postgresql":
+        connection.execute(CreateSchema(schema, if_not_exists=True))
+    _configure(connection=connection)
+    with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
+            )
+        context.run_migrations()
+
+
+async def _run_async(url: str) -> None:
+    engine = create_async_engine(url, poolclass=pool.NullPool)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(run_on)
+    finally:
+        await engine.dispose()
+
+
+def run_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        run_on(connection)
+        return
+    url = _url()
+    if make_url(url).get_dialect().is_async:
+        asyncio.run(_run_async(url))
+        return
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            run_on(conn)
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

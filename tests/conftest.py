@@ -1,0 +1,111 @@
+"""Fixtures: every backend test runs on SQLite (a temporary file) and on PostgreSQL.
+
+PostgreSQL comes from SESSIONS_SQL_TEST_POSTGRES_URL (any database on the server; the tests
+create and drop databases of their own beside it). Without the variable the PostgreSQL cases
+skip, except when CI is set: then a missing or unreachable server fails the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from sessions_sql import SQLAlchemyBackend, migrate
+
+POSTGRES_ENV = "SESSIONS_SQL_TEST_POSTGRES_URL"
+
+
+def _postgres_unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but PostgreSQL is not usable: {reason}", pytrace=False)
+    pytest.skip(f"PostgreSQL tests skipped: {reason}")
+
+
+async def _admin(url: str, *statements: str) -> None:
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+class PostgresServer:
+    """The test server: makes fresh, empty databases and drops them afterwards."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.created: list[str] = []
+
+    def new_database(self) -> str:
+        """Create an empty database and return its URL (asyncpg driver)."""
+        name = f"sessions_sql_test_{uuid.uuid4().hex[:12]}"
+        asyncio.run(_admin(self.url, f'CREATE DATABASE "{name}"'))
+        self.created.append(name)
+        return make_url(self.url).set(database=name).render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        for name in self.created:
+            asyncio.run(_admin(self.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    raw = os.environ.get(POSTGRES_ENV)
+    if not raw:
+        _postgres_unavailable(f"{POSTGRES_ENV} is not set")
+    url = make_url(raw).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    try:
+        asyncio.run(_admin(url, "SELECT 1"))
+    except Exception as error:
+        _postgres_unavailable(f"cannot connect ({type(error).__name__}: {error})")
+    server = PostgresServer(url)
+    yield server
+    server.drop_all()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A migrated database shared by the backend tests (tables are emptied per test)."""
+    url = postgres_server.new_database()
+    asyncio.run(migrate(url))
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'sessions.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """URL of a migrated database with empty tables, on each database."""
+    if request.param == "sqlite":
+        url: str = request.getfixturevalue("sqlite_url")
+        asyncio.run(migrate(url))
+        return url
+    url = request.getfixturevalue("postgres_url")
+    asyncio.run(_admin(url, "TRUNCATE sessions, session_values"))
+    return url
+
+
+@pytest.fixture
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine as a host application would create it: default settings."""
+    engine = create_async_engine(db_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def backend(engine: AsyncEngine) -> SQLAlchemyBackend:
+    return SQLAlchemyBackend(engine)

@@ -1,0 +1,23 @@
+"""The conformance suite run against every backend of the package."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sessions_sql import MemoryBackend, SQLAlchemyBackend
+from sessions_sql.testing import BackendContract
+
+
+class TestMemoryBackend(BackendContract):
+    @pytest.fixture
+    async def backend(self) -> AsyncIterator[MemoryBackend]:
+        yield MemoryBackend()
+
+
+class TestSQLAlchemyBackend(BackendContract):
+    """Runs on SQLite and PostgreSQL through the ``backend`` fixture of conftest.py."""
+
+    async def test_backend_under_test_is_sqlalchemy(self, backend: SQLAlchemyBackend) -> None:
+        assert isinstance(backend, SQLAlchemyBackend)
