@@ -9,7 +9,7 @@ become :class:`BackendError` with the driver's exception chained.
 from __future__ import annotations
 
 import calendar
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -42,7 +42,7 @@ _FOREIGN_KEY_ATTEMPTS = 5
 DEFAULT_BATCH_SIZE = 5000
 
 
-def _timestamp(created_at: datetime) -> int:
+def unix_seconds(created_at: datetime) -> int:
     """Whole Unix seconds of a datetime; a naive one (SQLite) is UTC."""
     return calendar.timegm(created_at.utctimetuple())
 
@@ -193,7 +193,7 @@ class SQLAlchemyBackend:
         params = {"sid": check_session_id(session_id)}
         result = await self._run("get_session_age", self._sql.get_session_age, params)
         created_at = result.scalar_one_or_none()
-        return None if created_at is None else _timestamp(created_at)
+        return None if created_at is None else unix_seconds(created_at)
 
     async def remove_session(self, session_id: str) -> None:
         """Remove the session and all its values; a missing session is not an error."""
@@ -271,14 +271,19 @@ class SQLAlchemyBackend:
             after = ids[-1]
 
     async def remove_sessions_created_before(
-        self, cutoff: datetime | float, *, batch_size: int = DEFAULT_BATCH_SIZE
+        self,
+        cutoff: datetime | float,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: Callable[[int], object] | None = None,
     ) -> int:
         """Remove every session created before ``cutoff`` and return how many.
 
         ``cutoff`` is a timezone-aware datetime or Unix seconds; creation times count in whole
         seconds, as :meth:`get_session_age` reports them. Deletes ``batch_size``
         sessions per statement and transaction; on PostgreSQL sessions locked by a running
-        write are skipped (left for the next pass), never waited for.
+        write are skipped (left for the next pass), never waited for. ``progress`` is called
+        after each batch with the number removed so far.
         """
         params = {
             "cutoff": self._sql.cutoff_param(check_cutoff(cutoff)),
@@ -291,6 +296,8 @@ class SQLAlchemyBackend:
             )
             count: int = result.rowcount
             removed += count
+            if progress is not None:
+                progress(removed)
             if count < batch_size:
                 return removed
 

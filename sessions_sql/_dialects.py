@@ -27,7 +27,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql.expression import Executable, Selectable
+from sqlalchemy.sql.expression import ColumnElement, Executable, Selectable
 
 from .models import sessions_table as S
 from .models import values_table as V
@@ -66,6 +66,8 @@ class Dialect:
     write_values_params: Callable[[str, Mapping[str, bytes]], Params]
     #: Builds the parameters of ``remove_values`` from an id and a list of keys.
     remove_values_params: Callable[[str, list[str]], Params]
+    #: ``created_at < :cutoff``, for queries by creation time (bind with :attr:`cutoff_param`).
+    created_before: ColumnElement[bool]
     #: Converts a whole-second UTC cutoff to the bind value compared with ``created_at``.
     cutoff_param: Callable[[datetime], Any]
 
@@ -123,10 +125,11 @@ def _postgresql() -> Dialect:
         V.c.key == any_(bindparam("keys", type_=postgresql.ARRAY(String))),
     )
 
+    created_before = S.c.created_at < bindparam("cutoff", type_=DateTime(timezone=True))
     # One bounded batch; rows locked by writers are skipped, never waited for.
     doomed = (
         select(S.c.id)
-        .where(S.c.created_at < bindparam("cutoff", type_=DateTime(timezone=True)))
+        .where(created_before)
         .order_by(S.c.created_at)
         .limit(_limit)
         .with_for_update(skip_locked=True)
@@ -153,6 +156,7 @@ def _postgresql() -> Dialect:
             "values": list(mapping.values()),
         },
         remove_values_params=lambda sid, keys: {"sid": sid, "keys": keys},
+        created_before=created_before,
         cutoff_param=lambda cutoff: cutoff,
     )
 
@@ -175,10 +179,10 @@ def _sqlite() -> Dialect:
     )
     remove_values = delete(V).where(V.c.session_id == _sid, V.c.key == _key)
 
-    cutoff = bindparam("cutoff", type_=String)
+    created_before = S.c.created_at < bindparam("cutoff", type_=String)
     doomed = (
         select(S.c.id)
-        .where(S.c.created_at < cutoff)
+        .where(created_before)
         .order_by(S.c.created_at)
         .limit(_limit)
         .scalar_subquery()
@@ -204,6 +208,7 @@ def _sqlite() -> Dialect:
             {"sid": sid, "key": k, "value": v} for k, v in mapping.items()
         ],
         remove_values_params=lambda sid, keys: [{"sid": sid, "key": k} for k in keys],
+        created_before=created_before,
         cutoff_param=_sqlite_cutoff,
     )
 

@@ -92,7 +92,11 @@ class MemoryBackend:
             yield session_id
 
     async def remove_sessions_created_before(
-        self, cutoff: datetime | float, *, batch_size: int = 5000
+        self,
+        cutoff: datetime | float,
+        *,
+        batch_size: int = 5000,
+        progress: Callable[[int], object] | None = None,
     ) -> int:
         """Remove every session created (in whole seconds) before ``cutoff``; return how many."""
         limit = check_cutoff(cutoff).timestamp()
@@ -101,6 +105,8 @@ class MemoryBackend:
         for sid in doomed:
             del self._created[sid]
             self._values.pop(sid, None)
+        if progress is not None:
+            progress(len(doomed))
         return len(doomed)
 
     def _session(self, sid: str) -> dict[str, bytes]:

@@ -7,6 +7,8 @@ version table, so they live beside a host application's history without merging 
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any
 
 from alembic import command
@@ -36,6 +38,22 @@ _OUR_NAMES = frozenset(Base.metadata.tables) | {VERSION_TABLE}
 _OUR_INDEXES = frozenset(
     str(index.name) for table in Base.metadata.tables.values() for index in table.indexes
 )
+
+
+# Alembic keeps the running migration in module globals (alembic.context, alembic.op), so two
+# migrations interleaving on one event loop would corrupt each other: one at a time per loop.
+# Between processes, the PostgreSQL advisory lock taken in env.py serialises them.
+_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _loop_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _LOCKS.get(loop)
+    if lock is None:
+        lock = _LOCKS[loop] = asyncio.Lock()
+    return lock
 
 
 def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
@@ -95,7 +113,7 @@ async def migrate(
             f"engine_or_url must be an AsyncEngine, str or URL, not {type(engine_or_url).__name__}"
         )
     try:
-        async with engine.begin() as conn:
+        async with _loop_lock(), engine.begin() as conn:
             await conn.run_sync(_upgrade, revision, schema)
     except (SQLAlchemyError, OSError) as error:
         raise BackendError(

@@ -109,3 +109,9 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 async def backend(engine: AsyncEngine) -> SQLAlchemyBackend:
     return SQLAlchemyBackend(engine)
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server: PostgresServer) -> str:
+    """URL of a new, empty PostgreSQL database (not migrated)."""
+    return postgres_server.new_database()

@@ -1,0 +1,8 @@
+"""``python -m sessions_sql``: the ``sessions-sql`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
