@@ -9,13 +9,17 @@ from ._backend import SQLAlchemyBackend
 from ._memory import MemoryBackend
 from ._migrate import include_name, migrate
 from ._protocol import BackendError, SessionBackend, SessionError, SessionsSQLError
+from ._session import Session, SessionCollector, SessionManager
 
 __all__ = [
     "BackendError",
     "MemoryBackend",
     "SQLAlchemyBackend",
+    "Session",
     "SessionBackend",
+    "SessionCollector",
     "SessionError",
+    "SessionManager",
     "SessionsSQLError",
     "include_name",
     "migrate",

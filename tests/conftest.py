@@ -12,13 +12,15 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from sessions_sql import SQLAlchemyBackend, migrate
+from sessions_sql import MemoryBackend, SQLAlchemyBackend, migrate
 
 POSTGRES_ENV = "SESSIONS_SQL_TEST_POSTGRES_URL"
 
@@ -66,7 +68,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     url = make_url(raw).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
     try:
         asyncio.run(_admin(url, "SELECT 1"))
-    except Exception as error:
+    except (OSError, SQLAlchemyError) as error:
         _postgres_unavailable(f"cannot connect ({type(error).__name__}: {error})")
     server = PostgresServer(url)
     yield server
@@ -86,16 +88,20 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'sessions.db'}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    """URL of a migrated database with empty tables, on each database."""
-    if request.param == "sqlite":
+def _empty_database(request: pytest.FixtureRequest, database: str) -> str:
+    if database == "sqlite":
         url: str = request.getfixturevalue("sqlite_url")
         asyncio.run(migrate(url))
         return url
     url = request.getfixturevalue("postgres_url")
     asyncio.run(_admin(url, "TRUNCATE sessions, session_values"))
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """URL of a migrated database with empty tables, on each database."""
+    return _empty_database(request, request.param)
 
 
 @pytest.fixture
@@ -115,3 +121,21 @@ async def backend(engine: AsyncEngine) -> SQLAlchemyBackend:
 def fresh_postgres_url(postgres_server: PostgresServer) -> str:
     """URL of a new, empty PostgreSQL database (not migrated)."""
     return postgres_server.new_database()
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def any_url(request: pytest.FixtureRequest) -> str | None:
+    """``None`` for MemoryBackend, else a migrated database with empty tables."""
+    if request.param == "memory":
+        return None
+    return _empty_database(request, request.param)
+
+
+@pytest.fixture
+async def any_backend(any_url: str | None) -> AsyncIterator[Any]:
+    """Each backend of the package, fresh and empty."""
+    if any_url is None:
+        yield MemoryBackend()
+        return
+    async with SQLAlchemyBackend.from_url(any_url) as backend:
+        yield backend
