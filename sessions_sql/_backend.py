@@ -9,6 +9,7 @@ become :class:`BackendError` with the driver's exception chained.
 from __future__ import annotations
 
 import calendar
+import copy
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
@@ -18,7 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
 from ._dialects import Params, Script, dialect_for
 from ._protocol import (
@@ -102,10 +103,14 @@ class SQLAlchemyBackend:
         self._schema = schema
         self._max_value_bytes = max_value_bytes
         self._owns_engine = False
-        options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"}
+        # Options of the statements run inside a host's transaction (see using()).
+        self._bound: AsyncConnection | AsyncSession | None = None
+        self._bound_options: dict[str, Any] = {}
         if schema is not None:
-            options["schema_translate_map"] = {None: schema}
-        self._autocommit = engine.execution_options(**options)
+            self._bound_options["schema_translate_map"] = {None: schema}
+        self._autocommit = engine.execution_options(
+            isolation_level="AUTOCOMMIT", **self._bound_options
+        )
 
     @classmethod
     def from_url(
@@ -159,7 +164,26 @@ class SQLAlchemyBackend:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"SQLAlchemyBackend(dialect={self._sql.name!r}, schema={self._schema!r})"
+        bound = ", in a host transaction" if self._bound is not None else ""
+        return f"SQLAlchemyBackend(dialect={self._sql.name!r}, schema={self._schema!r}{bound})"
+
+    def using(self, connection: AsyncConnection | AsyncSession) -> SQLAlchemyBackend:
+        """Return a backend whose calls run inside ``connection``'s current transaction.
+
+        ``connection`` is the host's ``AsyncConnection`` or ``AsyncSession``; nothing is
+        committed or rolled back by the returned backend, so the host's own writes and the
+        session writes commit or roll back as one. Calls are not retried there: after a
+        database error the host's transaction is what must be retried.
+        """
+        if not isinstance(connection, (AsyncConnection, AsyncSession)):
+            raise TypeError(
+                "connection must be an AsyncConnection or AsyncSession, "
+                f"not {type(connection).__name__}"
+            )
+        bound = copy.copy(self)
+        bound._bound = connection
+        bound._owns_engine = False
+        return bound
 
     async def create_all(self) -> None:
         """Create the tables directly, without migrations: for tests and prototypes only.
@@ -308,6 +332,8 @@ class SQLAlchemyBackend:
 
         Returns the buffered ``CursorResult`` of the script's last statement.
         """
+        if self._bound is not None:
+            return await self._run_bound(operation, self._bound, script, params)
         attempt = 0
         while True:
             attempt += 1
@@ -328,6 +354,24 @@ class SQLAlchemyBackend:
                 raise _backend_error(operation, error) from error
             except (SQLAlchemyError, OSError) as error:
                 raise _backend_error(operation, error) from error
+
+    async def _run_bound(
+        self,
+        operation: str,
+        bound: AsyncConnection | AsyncSession,
+        script: Script,
+        params: Params,
+    ) -> Any:
+        """Run ``script`` in the host's transaction (begun if it was not), committing nothing."""
+        try:
+            conn = await bound.connection() if isinstance(bound, AsyncSession) else bound
+            for statement in script:
+                result = await conn.execute(
+                    statement, params, execution_options=self._bound_options
+                )
+            return result
+        except (SQLAlchemyError, OSError) as error:
+            raise _backend_error(operation, error) from error
 
     async def _transaction(self, conn: AsyncConnection, script: Script, params: Params) -> Any:
         await conn.exec_driver_sql(self._sql.begin)

@@ -351,3 +351,31 @@ async def test_one_round_trip_per_read_and_write(postgres_url: str) -> None:
                 assert proxy.round_trips - before == 1, name
     finally:
         await proxy.close()
+
+
+async def test_using_runs_inside_the_host_transaction(
+    backend: SQLAlchemyBackend, engine: AsyncEngine
+) -> None:
+    async with engine.connect() as conn:
+        bound = backend.using(conn)
+        await bound.write_value("s", "a", b"1")
+        await bound.write_values("s", {"b": b"2", "c": b"3"})
+        await bound.remove_values("s", ["c"])
+        assert await bound.read_values("s") == {"a": b"1", "b": b"2"}
+        await conn.rollback()
+    assert await backend.get_sessions() == []
+
+    async with engine.connect() as conn:
+        bound = backend.using(conn)
+        await bound.write_values("s", {"a": b"1", "b": b"2"})
+        await bound.remove_session("kept-out")
+        await conn.commit()
+    assert await backend.read_values("s") == {"a": b"1", "b": b"2"}
+
+    async with engine.connect() as conn:
+        await backend.using(conn).remove_session("s")
+        await conn.rollback()
+    assert await backend.read_values("s") == {"a": b"1", "b": b"2"}
+    assert "host transaction" in repr(backend.using(engine.connect()))
+    with pytest.raises(TypeError):
+        backend.using(engine)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""An example application that keeps its sessions in its own PostgreSQL database."""
