@@ -123,9 +123,12 @@ class SQLAlchemyBackend:
     ) -> SQLAlchemyBackend:
         """Create a backend owning a new engine for ``url``; close it with :meth:`close`.
 
-        ``engine_kw`` go to :func:`~sqlalchemy.ext.asyncio.create_async_engine`. A SQLite
-        file database is switched to WAL mode so that readers do not wait for writers.
+        ``engine_kw`` go to :func:`~sqlalchemy.ext.asyncio.create_async_engine`; unless given,
+        ``hide_parameters=True`` keeps session ids and values out of SQLAlchemy's logs and
+        error messages. A SQLite file database is switched to WAL mode so that readers do not
+        wait for writers.
         """
+        engine_kw.setdefault("hide_parameters", True)
         engine = create_async_engine(url, **engine_kw)
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_wal)

@@ -31,36 +31,36 @@ __all__ = ["BAD_INPUTS", "BackendContract"]
 
 _SID = "contract-session"
 
-#: Refused inputs: (method name, arguments, expected exception type). Ids, keys and values
-#: are passed positionally in the protocol's order.
-BAD_INPUTS: list[tuple[str, tuple[Any, ...], type[Exception]]] = [
-    ("read_value", (None, "k"), TypeError),
-    ("read_value", (42, "k"), TypeError),
-    ("read_value", (b"sid", "k"), TypeError),
-    ("read_value", ("", "k"), ValueError),
-    ("read_value", ("s" * 256, "k"), ValueError),
-    ("read_value", ("s\x00id", "k"), ValueError),
-    ("read_value", ("s\udc80", "k"), ValueError),
-    ("read_value", ("sid", None), TypeError),
-    ("read_value", ("sid", 7), TypeError),
-    ("read_value", ("sid", ""), ValueError),
-    ("read_value", ("sid", "k" * 256), ValueError),
-    ("read_value", ("sid", "k\x00"), ValueError),
-    ("write_value", ("sid", "k", "text"), TypeError),
-    ("write_value", ("sid", "k", None), TypeError),
-    ("write_value", ("sid", "k", 5), TypeError),
-    ("write_value", ("sid", "k", [1, 2]), TypeError),
-    ("write_value", (None, "k", b"v"), TypeError),
-    ("write_value", ("", "k", b"v"), ValueError),
-    ("write_value", ("sid", "", b"v"), ValueError),
-    ("write_value", ("sid", "k\udcff", b"v"), ValueError),
-    ("remove_value", (1.5, "k"), TypeError),
-    ("remove_value", ("sid", ""), ValueError),
-    ("remove_session", (None,), TypeError),
-    ("remove_session", ("",), ValueError),
-    ("remove_session", ("x" * 300,), ValueError),
-    ("get_session_age", (None,), TypeError),
-    ("get_session_age", ("\x00",), ValueError),
+#: Refused inputs: (method name, arguments, expected exception type, the parameter its
+#: message names). Ids, keys and values are passed positionally in the protocol's order.
+BAD_INPUTS: list[tuple[str, tuple[Any, ...], type[Exception], str]] = [
+    ("read_value", (None, "k"), TypeError, "session_id"),
+    ("read_value", (42, "k"), TypeError, "session_id"),
+    ("read_value", (b"sid", "k"), TypeError, "session_id"),
+    ("read_value", ("", "k"), ValueError, "session_id"),
+    ("read_value", ("s" * 256, "k"), ValueError, "session_id"),
+    ("read_value", ("s\x00id", "k"), ValueError, "session_id"),
+    ("read_value", ("s\udc80", "k"), ValueError, "session_id"),
+    ("read_value", ("sid", None), TypeError, "key"),
+    ("read_value", ("sid", 7), TypeError, "key"),
+    ("read_value", ("sid", ""), ValueError, "key"),
+    ("read_value", ("sid", "k" * 256), ValueError, "key"),
+    ("read_value", ("sid", "k\x00"), ValueError, "key"),
+    ("write_value", ("sid", "k", "text"), TypeError, "value"),
+    ("write_value", ("sid", "k", None), TypeError, "value"),
+    ("write_value", ("sid", "k", 5), TypeError, "value"),
+    ("write_value", ("sid", "k", [1, 2]), TypeError, "value"),
+    ("write_value", (None, "k", b"v"), TypeError, "session_id"),
+    ("write_value", ("", "k", b"v"), ValueError, "session_id"),
+    ("write_value", ("sid", "", b"v"), ValueError, "key"),
+    ("write_value", ("sid", "k\udcff", b"v"), ValueError, "key"),
+    ("remove_value", (1.5, "k"), TypeError, "session_id"),
+    ("remove_value", ("sid", ""), ValueError, "key"),
+    ("remove_session", (None,), TypeError, "session_id"),
+    ("remove_session", ("",), ValueError, "session_id"),
+    ("remove_session", ("x" * 300,), ValueError, "session_id"),
+    ("get_session_age", (None,), TypeError, "session_id"),
+    ("get_session_age", ("\x00",), ValueError, "session_id"),
 ]
 
 
@@ -194,16 +194,17 @@ class BackendContract:
         for name in names:
             assert await backend.read_value(name, name) == name.encode()
 
-    @pytest.mark.parametrize(("method", "args", "error"), BAD_INPUTS)
+    @pytest.mark.parametrize(("method", "args", "error", "parameter"), BAD_INPUTS)
     async def test_bad_input_is_refused_and_changes_nothing(
         self,
         backend: SessionBackend,
         method: str,
         args: tuple[Any, ...],
         error: type[Exception],
+        parameter: str,
     ) -> None:
         await backend.write_value("sid", "k", b"kept")
-        with pytest.raises(error):
+        with pytest.raises(error, match=parameter):
             await getattr(backend, method)(*args)
         assert await backend.get_sessions() == ["sid"]
         assert await backend.read_value("sid", "k") == b"kept"
