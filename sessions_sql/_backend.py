@@ -8,15 +8,17 @@ become :class:`BackendError` with the driver's exception chained.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import copy
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
@@ -41,6 +43,32 @@ _FOREIGN_KEY_ATTEMPTS = 5
 
 #: Default number of sessions deleted per statement and transaction by the collector.
 DEFAULT_BATCH_SIZE = 5000
+
+
+class LoopLock:
+    """An ``asyncio.Lock`` per running event loop, usable as ``async with lock:``.
+
+    A plain ``asyncio.Lock`` belongs to the first loop that waits on it; objects that may be
+    used from several loops (one per test, say) take one per loop instead.
+    """
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        return lock
+
+    async def __aenter__(self) -> None:
+        await self._lock().acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock().release()
 
 
 def unix_seconds(created_at: datetime) -> int:
@@ -108,6 +136,7 @@ class SQLAlchemyBackend:
         self._bound_options: dict[str, Any] = {}
         if schema is not None:
             self._bound_options["schema_translate_map"] = {None: schema}
+        self._write_lock = LoopLock() if self._sql.single_writer else None
         self._autocommit = engine.execution_options(
             isolation_level="AUTOCOMMIT", **self._bound_options
         )
@@ -129,6 +158,15 @@ class SQLAlchemyBackend:
         wait for writers.
         """
         engine_kw.setdefault("hide_parameters", True)
+        always_autocommit = (
+            make_url(url).get_backend_name() == "sqlite" and "isolation_level" not in engine_kw
+        )
+        if always_autocommit:
+            # Switching a SQLite connection's isolation level costs several trips to the
+            # driver's thread on every checkout and return. An engine of our own can stay in
+            # autocommit (Alembic runs SQLite DDL outside transactions anyway) and needs no
+            # reset on return: every script ends with its own COMMIT or ROLLBACK.
+            engine_kw.update(isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
         engine = create_async_engine(url, **engine_kw)
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_wal)
@@ -138,6 +176,8 @@ class SQLAlchemyBackend:
             engine.sync_engine.dispose()
             raise
         backend._owns_engine = True
+        if always_autocommit:
+            backend._autocommit = engine
         return backend
 
     @property
@@ -337,6 +377,12 @@ class SQLAlchemyBackend:
         """
         if self._bound is not None:
             return await self._run_bound(operation, self._bound, script, params)
+        if self._write_lock is not None and getattr(script[0], "is_dml", False):
+            async with self._write_lock:
+                return await self._run_on_pool(operation, script, params)
+        return await self._run_on_pool(operation, script, params)
+
+    async def _run_on_pool(self, operation: str, script: Script, params: Params) -> Any:
         attempt = 0
         while True:
             attempt += 1

@@ -51,6 +51,9 @@ class Dialect:
     name: str
     #: SQL opening a write transaction for a script of several statements.
     begin: str
+    #: The database allows one writer at a time (SQLite): this process's writes then queue
+    #: on a lock instead of polling the busy handler, whose sleeps stall concurrent writers.
+    single_writer: bool
     get_sessions: Script
     page_sessions: Script
     get_session_age: Script
@@ -139,6 +142,7 @@ def _postgresql() -> Dialect:
     return Dialect(
         name="postgresql",
         begin="BEGIN",
+        single_writer=False,
         get_sessions=(_get_sessions,),
         page_sessions=(_page_sessions,),
         get_session_age=(_get_session_age,),
@@ -190,6 +194,7 @@ def _sqlite() -> Dialect:
     return Dialect(
         name="sqlite",
         begin="BEGIN IMMEDIATE",
+        single_writer=True,
         get_sessions=(_get_sessions,),
         page_sessions=(_page_sessions,),
         get_session_age=(_get_session_age,),

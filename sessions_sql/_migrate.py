@@ -7,8 +7,6 @@ version table, so they live beside a host application's history without merging 
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from typing import Any
 
 from alembic import command
@@ -18,6 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ._backend import LoopLock
 from ._protocol import BackendError
 from .models import Base
 
@@ -43,17 +42,7 @@ _OUR_INDEXES = frozenset(
 # Alembic keeps the running migration in module globals (alembic.context, alembic.op), so two
 # migrations interleaving on one event loop would corrupt each other: one at a time per loop.
 # Between processes, the PostgreSQL advisory lock taken in env.py serialises them.
-_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _loop_lock() -> asyncio.Lock:
-    loop = asyncio.get_running_loop()
-    lock = _LOCKS.get(loop)
-    if lock is None:
-        lock = _LOCKS[loop] = asyncio.Lock()
-    return lock
+_ONE_AT_A_TIME = LoopLock()
 
 
 def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
@@ -113,7 +102,7 @@ async def migrate(
             f"engine_or_url must be an AsyncEngine, str or URL, not {type(engine_or_url).__name__}"
         )
     try:
-        async with _loop_lock(), engine.begin() as conn:
+        async with _ONE_AT_A_TIME, engine.begin() as conn:
             await conn.run_sync(_upgrade, revision, schema)
     except (SQLAlchemyError, OSError) as error:
         raise BackendError(
