@@ -15,13 +15,14 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from ._dialects import Params, Script, dialect_for
 from ._protocol import (
@@ -35,6 +36,8 @@ from ._protocol import (
 from .models import Base
 
 __all__ = ["SQLAlchemyBackend"]
+
+_T = TypeVar("_T")
 
 # A write racing the removal of its session can fail its foreign-key check (the session
 # row vanished after the statement's snapshot); running it again creates the session anew.
@@ -90,6 +93,29 @@ def _backend_error(operation: str, error: Exception) -> BackendError:
         if sqlstate:
             reason += f" (SQLSTATE {sqlstate})"
     return BackendError(f"{operation} failed: {reason}")
+
+
+# What a call reads from the result of its script's last statement.
+
+
+def _nothing(result: Any) -> None:
+    return None
+
+
+def _scalar(result: Any) -> Any:
+    return result.scalar_one_or_none()
+
+
+def _scalars(result: Any) -> list[Any]:
+    return list(result.scalars())
+
+
+def _pairs(result: Any) -> dict[Any, Any]:
+    return {row[0]: row[1] for row in result}
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
 
 
 class SQLAlchemyBackend:
@@ -249,8 +275,7 @@ class SQLAlchemyBackend:
 
         For many sessions prefer :meth:`iter_sessions`, which pages through them.
         """
-        result = await self._run("get_sessions", self._sql.get_sessions, {})
-        return list(result.scalars())
+        return await self._run("get_sessions", self._sql.get_sessions, {}, _scalars)
 
     async def get_session_age(self, session_id: str) -> int | None:
         """Return the session's creation time in whole Unix seconds (UTC), or ``None``.
@@ -258,20 +283,18 @@ class SQLAlchemyBackend:
         A timestamp, not an age (the name comes from the original protocol).
         """
         params = {"sid": check_session_id(session_id)}
-        result = await self._run("get_session_age", self._sql.get_session_age, params)
-        created_at = result.scalar_one_or_none()
+        created_at = await self._run("get_session_age", self._sql.get_session_age, params, _scalar)
         return None if created_at is None else unix_seconds(created_at)
 
     async def remove_session(self, session_id: str) -> None:
         """Remove the session and all its values; a missing session is not an error."""
         params = {"sid": check_session_id(session_id)}
-        await self._run("remove_session", self._sql.remove_session, params)
+        await self._run("remove_session", self._sql.remove_session, params, _nothing)
 
     async def read_value(self, session_id: str, key: str) -> bytes | None:
         """Return the value under ``key``, or ``None`` if the session or the key is missing."""
         params = {"sid": check_session_id(session_id), "key": check_key(key)}
-        result = await self._run("read_value", self._sql.read_value, params)
-        value: bytes | None = result.scalar_one_or_none()
+        value: bytes | None = await self._run("read_value", self._sql.read_value, params, _scalar)
         return value
 
     async def write_value(self, session_id: str, key: str, value: bytes) -> None:
@@ -281,20 +304,19 @@ class SQLAlchemyBackend:
             "key": check_key(key),
             "value": check_value(value, self._max_value_bytes),
         }
-        await self._run("write_value", self._sql.write_value, params)
+        await self._run("write_value", self._sql.write_value, params, _nothing)
 
     async def remove_value(self, session_id: str, key: str) -> None:
         """Remove one value; missing session or key is not an error, the session stays."""
         params = {"sid": check_session_id(session_id), "key": check_key(key)}
-        await self._run("remove_value", self._sql.remove_value, params)
+        await self._run("remove_value", self._sql.remove_value, params, _nothing)
 
     # Batch helpers.
 
     async def read_values(self, session_id: str) -> dict[str, bytes]:
         """Return all values of a session as a dict (empty if the session is missing)."""
         params = {"sid": check_session_id(session_id)}
-        result = await self._run("read_values", self._sql.read_values, params)
-        return {row[0]: row[1] for row in result}
+        return await self._run("read_values", self._sql.read_values, params, _pairs)
 
     async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None:
         """Insert or replace several values at once, atomically, creating the session if
@@ -309,7 +331,7 @@ class SQLAlchemyBackend:
         if not checked:
             return
         params = self._sql.write_values_params(sid, checked)
-        await self._run("write_values", self._sql.write_values, params)
+        await self._run("write_values", self._sql.write_values, params, _nothing)
 
     async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
         """Remove several values at once, atomically; missing keys are ignored."""
@@ -320,7 +342,7 @@ class SQLAlchemyBackend:
         if not checked:
             return
         params = self._sql.remove_values_params(sid, checked)
-        await self._run("remove_values", self._sql.remove_values, params)
+        await self._run("remove_values", self._sql.remove_values, params, _nothing)
 
     async def iter_sessions(self, batch_size: int = 1000) -> AsyncIterator[str]:
         """Yield every session id, fetching ``batch_size`` ids per query (keyset pagination),
@@ -329,8 +351,7 @@ class SQLAlchemyBackend:
         after = ""
         while True:
             params = {"after": after, "limit": limit}
-            result = await self._run("iter_sessions", self._sql.page_sessions, params)
-            ids: list[str] = list(result.scalars())
+            ids = await self._run("iter_sessions", self._sql.page_sessions, params, _scalars)
             for session_id in ids:
                 yield session_id
             if len(ids) < limit:
@@ -358,10 +379,9 @@ class SQLAlchemyBackend:
         }
         removed = 0
         while True:
-            result = await self._run(
-                "remove_sessions_created_before", self._sql.remove_created_before, params
+            count = await self._run(
+                "remove_sessions_created_before", self._sql.remove_created_before, params, _rowcount
             )
-            count: int = result.rowcount
             removed += count
             if progress is not None:
                 progress(removed)
@@ -370,27 +390,33 @@ class SQLAlchemyBackend:
 
     # Execution.
 
-    async def _run(self, operation: str, script: Script, params: Params) -> Any:
-        """Run ``script`` in one transaction, retrying when that is safe; map errors.
+    async def _run(
+        self,
+        operation: str,
+        script: Script,
+        params: Params,
+        fetch: Callable[[Any], _T],
+    ) -> _T:
+        """Run ``script`` in one transaction and return ``fetch`` of its last result.
 
-        Returns the buffered ``CursorResult`` of the script's last statement.
+        The whole script runs in one greenlet on the synchronous side of the engine (one
+        switch per call, not one per statement); retries what is safe to retry; maps errors.
         """
         if self._bound is not None:
-            return await self._run_bound(operation, self._bound, script, params)
+            return await self._run_bound(operation, self._bound, script, params, fetch)
         if self._write_lock is not None and getattr(script[0], "is_dml", False):
             async with self._write_lock:
-                return await self._run_on_pool(operation, script, params)
-        return await self._run_on_pool(operation, script, params)
+                return await self._run_pooled(operation, script, params, fetch)
+        return await self._run_pooled(operation, script, params, fetch)
 
-    async def _run_on_pool(self, operation: str, script: Script, params: Params) -> Any:
+    async def _run_pooled(
+        self, operation: str, script: Script, params: Params, fetch: Callable[[Any], _T]
+    ) -> _T:
         attempt = 0
         while True:
             attempt += 1
             try:
-                async with self._autocommit.connect() as conn:
-                    if len(script) == 1 and not isinstance(params, list):
-                        return await conn.execute(script[0], params)
-                    return await self._transaction(conn, script, params)
+                return await greenlet_spawn(self._pooled, script, params, fetch)
             except DBAPIError as error:
                 # Every operation is idempotent: a connection that went stale in the pool
                 # (server restart) is retried once on a fresh one; the pool has already
@@ -404,37 +430,53 @@ class SQLAlchemyBackend:
             except (SQLAlchemyError, OSError) as error:
                 raise _backend_error(operation, error) from error
 
+    def _pooled(self, script: Script, params: Params, fetch: Callable[[Any], _T]) -> _T:
+        """On a pooled autocommit connection: one statement alone (one round trip), or the
+        script between :attr:`Dialect.begin` and COMMIT."""
+        with self._autocommit.sync_engine.connect() as conn:
+            if len(script) == 1 and not isinstance(params, list):
+                return fetch(conn.execute(script[0], params))
+            conn.exec_driver_sql(self._sql.begin)
+            try:
+                result = _execute(conn, script, params, fetch, None)
+                conn.exec_driver_sql("COMMIT")
+            except BaseException:
+                try:
+                    conn.exec_driver_sql("ROLLBACK")
+                except BaseException:
+                    conn.invalidate()
+                raise
+            return result
+
     async def _run_bound(
         self,
         operation: str,
         bound: AsyncConnection | AsyncSession,
         script: Script,
         params: Params,
-    ) -> Any:
+        fetch: Callable[[Any], _T],
+    ) -> _T:
         """Run ``script`` in the host's transaction (begun if it was not), committing nothing."""
         try:
             conn = await bound.connection() if isinstance(bound, AsyncSession) else bound
-            for statement in script:
-                result = await conn.execute(
-                    statement, params, execution_options=self._bound_options
-                )
-            return result
+            return await greenlet_spawn(
+                _execute, conn.sync_connection, script, params, fetch, self._bound_options
+            )
         except (SQLAlchemyError, OSError) as error:
             raise _backend_error(operation, error) from error
 
-    async def _transaction(self, conn: AsyncConnection, script: Script, params: Params) -> Any:
-        await conn.exec_driver_sql(self._sql.begin)
-        try:
-            for statement in script:
-                result = await conn.execute(statement, params)
-            await conn.exec_driver_sql("COMMIT")
-        except BaseException:
-            try:
-                await conn.exec_driver_sql("ROLLBACK")
-            except BaseException:
-                await conn.invalidate()
-            raise
-        return result
+
+def _execute(
+    conn: Connection | None,
+    script: Script,
+    params: Params,
+    fetch: Callable[[Any], _T],
+    options: dict[str, Any] | None,
+) -> _T:
+    assert conn is not None
+    for statement in script:
+        result = conn.execute(statement, params, execution_options=options)
+    return fetch(result)
 
 
 def _sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:
