@@ -427,7 +427,7 @@ class SQLAlchemyBackend:
                 if sqlstate == _FOREIGN_KEY_VIOLATION and attempt < _FOREIGN_KEY_ATTEMPTS:
                     continue
                 raise _backend_error(operation, error) from error
-            except (SQLAlchemyError, OSError) as error:
+            except Exception as error:  # input is checked: anything here is the database or driver
                 raise _backend_error(operation, error) from error
 
     def _pooled(self, script: Script, params: Params, fetch: Callable[[Any], _T]) -> _T:
@@ -462,7 +462,7 @@ class SQLAlchemyBackend:
             return await greenlet_spawn(
                 _execute, conn.sync_connection, script, params, fetch, self._bound_options
             )
-        except (SQLAlchemyError, OSError) as error:
+        except Exception as error:  # input is checked: anything here is the database or driver
             raise _backend_error(operation, error) from error
 
 
