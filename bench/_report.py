@@ -1,0 +1,160 @@
+"""Results: per-operation rows, target checks, the printed table and the JSON document."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._workload import Sample
+
+__all__ = ["OpResult", "format_table", "format_targets", "targets"]
+
+#: Required throughput of sessions_sql relative to the raw driver, per mode.
+RATIO_TARGETS = {"serial": 0.9, "concurrent": 0.75}
+GC_MIN_SESSIONS_PER_S = 50_000
+GC_MAX_WRITE_P99_MS = 50.0
+LISTING_MAX_PEAK_MB = 100.0
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+@dataclass
+class OpResult:
+    """One operation on one database in one mode: paired rounds of raw and sessions_sql."""
+
+    db: str
+    mode: str
+    op: str
+    concurrency: int
+    ops_per_round: int
+    raw: list[Sample] = field(default_factory=list)
+    sql: list[Sample] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Median over the pairs of (sessions_sql ops/s) / (raw ops/s)."""
+        return _median([s.ops_per_s / r.ops_per_s for r, s in zip(self.raw, self.sql, strict=True)])
+
+    def summary(self, samples: list[Sample]) -> dict[str, float]:
+        return {
+            "ops_per_s": _median([s.ops_per_s for s in samples]),
+            "p50_ms": _median([s.p50_ms for s in samples]),
+            "p99_ms": _median([s.p99_ms for s in samples]),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "db": self.db,
+            "mode": self.mode,
+            "op": self.op,
+            "concurrency": self.concurrency,
+            "ops_per_round": self.ops_per_round,
+            "raw": self.summary(self.raw),
+            "sessions_sql": self.summary(self.sql),
+            "ratio": self.ratio,
+            "target_ratio": RATIO_TARGETS.get(self.mode),
+            "rounds": {
+                "raw": [_sample(s) for s in self.raw],
+                "sessions_sql": [_sample(s) for s in self.sql],
+            },
+        }
+
+
+def _sample(s: Sample) -> dict[str, float]:
+    return {
+        "ops": s.ops,
+        "seconds": round(s.seconds, 6),
+        "ops_per_s": round(s.ops_per_s, 1),
+        "p50_ms": round(s.p50_ms, 4),
+        "p99_ms": round(s.p99_ms, 4),
+    }
+
+
+def format_table(results: list[OpResult]) -> str:
+    header = (
+        "db", "mode", "op", "raw ops/s", "sql ops/s", "ratio",
+        "raw p50", "raw p99", "sql p50", "sql p99",
+    )  # fmt: skip
+    lines = [header]
+    for r in results:
+        raw, sql = r.summary(r.raw), r.summary(r.sql)
+        target = RATIO_TARGETS.get(r.mode, 0.0)
+        mark = "" if r.ratio >= target else " *"
+        lines.append(
+            (
+                r.db,
+                r.mode,
+                r.op,
+                f"{raw['ops_per_s']:,.0f}",
+                f"{sql['ops_per_s']:,.0f}",
+                f"{r.ratio:.2f}{mark}",
+                f"{raw['p50_ms']:.3f}",
+                f"{raw['p99_ms']:.3f}",
+                f"{sql['p50_ms']:.3f}",
+                f"{sql['p99_ms']:.3f}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    left = 3  # db, mode, op are left-aligned; numbers right-aligned
+    out = []
+    for n, line in enumerate(lines):
+        cells = [
+            cell.ljust(widths[i]) if i < left else cell.rjust(widths[i])
+            for i, cell in enumerate(line)
+        ]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    out.append("latencies in ms (median over rounds of each round's p50/p99); ratio = median")
+    out.append("of per-pair sessions_sql/raw throughput; * = below the target for the mode")
+    return "\n".join(out)
+
+
+def targets(
+    results: list[OpResult], gc: dict[str, Any] | None, listings: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Check the three targets; a part that did not run is reported as not measured."""
+    misses = [
+        {"db": r.db, "mode": r.mode, "op": r.op, "ratio": round(r.ratio, 3)}
+        for r in results
+        if r.ratio < RATIO_TARGETS.get(r.mode, 0.0)
+    ]
+    ratio_target: dict[str, Any] = {
+        "description": "every method >= 0.9x raw serially and >= 0.75x with concurrent tasks",
+        "measured": bool(results),
+        "met": bool(results) and not misses,
+        "misses": misses,
+    }
+    gc_target: dict[str, Any] = {
+        "description": f"GC >= {GC_MIN_SESSIONS_PER_S:,} sessions/s with concurrent "
+        f"write_value p99 < {GC_MAX_WRITE_P99_MS:g} ms (PostgreSQL)",
+        "measured": gc is not None,
+        "met": gc is not None
+        and gc["sessions_per_s"] >= GC_MIN_SESSIONS_PER_S
+        and gc["write_p99_ms_during"] < GC_MAX_WRITE_P99_MS,
+    }
+    if gc is not None:
+        gc_target["sessions_per_s"] = round(gc["sessions_per_s"])
+        gc_target["write_p99_ms_during"] = round(gc["write_p99_ms_during"], 2)
+    listing_target: dict[str, Any] = {
+        "description": f"listing all sessions with peak RSS < {LISTING_MAX_PEAK_MB:g} MB",
+        "measured": bool(listings),
+        "met": bool(listings)
+        and all(x["rss_peak_kb"] / 1024 < LISTING_MAX_PEAK_MB for x in listings),
+        "peaks_mb": {x["db"]: round(x["rss_peak_kb"] / 1024, 1) for x in listings},
+    }
+    return {"ratios": ratio_target, "gc": gc_target, "listing": listing_target}
+
+
+def format_targets(report: dict[str, Any]) -> str:
+    lines = []
+    for name, target in report.items():
+        state = ("MET" if target["met"] else "MISSED") if target["measured"] else "not measured"
+        lines.append(f"target {name}: {state}: {target['description']}")
+        for miss in target.get("misses", []):
+            lines.append(f"    {miss['db']} {miss['mode']} {miss['op']}: {miss['ratio']:.2f}x")
+    return "\n".join(lines)
