@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,23 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sessions_sql import MemoryBackend, SQLAlchemyBackend, migrate
 
 POSTGRES_ENV = "SESSIONS_SQL_TEST_POSTGRES_URL"
+HANG_GUARD = 60.0  # seconds; only ever reached by a hang
+
+
+def now() -> int:
+    """A clock shared by every process of the machine, to order events across them."""
+    return time.monotonic_ns()
+
+
+async def guard(awaitable: Awaitable[Any], what: str) -> Any:
+    """Await ``awaitable``; a hang (no outcome within HANG_GUARD) fails the test. Exceptions,
+    including a TimeoutError raised by the awaitable itself, pass through unchanged."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=HANG_GUARD)
+    if not done:
+        task.cancel()
+        pytest.fail(f"{what} hung for {HANG_GUARD}s", pytrace=False)
+    return task.result()
 
 
 def _postgres_unavailable(reason: str) -> None:

@@ -36,26 +36,13 @@ from sqlalchemy.pool import NullPool
 
 from sessions_sql import BackendError, SQLAlchemyBackend, migrate
 
+from .conftest import guard, now
+
 if TYPE_CHECKING:
     from .conftest import PostgresServer
 
 HANG_GUARD = 30.0  # seconds; only ever reached by a hang
 LOAD_TASKS = 16
-
-
-def now() -> int:
-    return time.monotonic_ns()
-
-
-async def guard(awaitable: Awaitable[Any], what: str) -> Any:
-    """Await ``awaitable``; a hang (no outcome within HANG_GUARD) fails the test. Exceptions,
-    including a TimeoutError raised by the awaitable itself, pass through unchanged."""
-    task = asyncio.ensure_future(awaitable)
-    done, _ = await asyncio.wait({task}, timeout=HANG_GUARD)
-    if not done:
-        task.cancel()
-        pytest.fail(f"{what} hung for {HANG_GUARD}s", pytrace=False)
-    return task.result()
 
 
 def count_connects(engine: AsyncEngine) -> Callable[[], int]:

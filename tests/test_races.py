@@ -30,7 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sessions_sql import SessionCollector, SQLAlchemyBackend
 
-HANG_GUARD = 60.0  # seconds; only ever reached by a hang
+from .conftest import guard, now
+
 RACE_BUDGET = 2.5  # seconds of racing per workload
 LIFETIME = timedelta(days=1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,21 +44,6 @@ SELECT
     WHERE s.id = :sid
       AND NOT EXISTS (SELECT 1 FROM session_values v WHERE v.session_id = s.id))
 """
-
-
-def now() -> int:
-    return time.monotonic_ns()
-
-
-async def guard(awaitable: Awaitable[Any], what: str) -> Any:
-    """Await ``awaitable``; a hang (no outcome within HANG_GUARD) fails the test. Exceptions,
-    including a TimeoutError raised by the awaitable itself, pass through unchanged."""
-    task = asyncio.ensure_future(awaitable)
-    done, _ = await asyncio.wait({task}, timeout=HANG_GUARD)
-    if not done:
-        task.cancel()
-        pytest.fail(f"{what} hung for {HANG_GUARD}s", pytrace=False)
-    return task.result()
 
 
 async def rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
