@@ -393,12 +393,13 @@ async def timed_round(
             if attempt == ATTEMPTS:
                 raise
             await t.recover(f"{op} round", error)
-            for warm_store in (t.raw, t.sql):
-                prefix = f"r{next(_prefixes)}"
-                rows, call = w.prepare(op, warm_store, prefix, 2 * concurrency)
-                await t.admin.put(rows)
-                await run_round(call, 2 * concurrency, concurrency)
-                await t.admin.cleanup(prefix)
+            with contextlib.suppress(Exception):  # a failure here fails the next attempt too
+                for warm_store in (t.raw, t.sql):
+                    prefix = f"r{next(_prefixes)}"
+                    rows, call = w.prepare(op, warm_store, prefix, 2 * concurrency)
+                    await t.admin.put(rows)
+                    await run_round(call, 2 * concurrency, concurrency)
+                    await t.admin.cleanup(prefix)
     raise AssertionError("unreachable")
 
 
