@@ -1,9 +1,11 @@
 """SQLAlchemyBackend: the session protocol on an SQLAlchemy 2 ``AsyncEngine``.
 
-Each call validates its input, then runs one prepared script (see ``_dialects``) on a
-pooled connection in autocommit mode: a single statement is its own transaction (one
-round trip), a longer script runs between an explicit BEGIN and COMMIT. Database errors
-become :class:`BackendError` with the driver's exception chained.
+Each call validates its input, then runs one script of ``_dialects``, compiled once, on a
+connection checked out of the engine's pool, through the driver's own calls (``_drivers``):
+a single statement is its own transaction (one round trip), a longer script runs between an
+explicit BEGIN and COMMIT. Inside a host's transaction (:meth:`SQLAlchemyBackend.using`)
+the scripts run on the host's SQLAlchemy connection instead. Database errors become
+:class:`BackendError` with the driver's exception chained.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import copy
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
@@ -19,12 +22,13 @@ from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import SQLAlchemyError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.util import greenlet_spawn
 
 from ._dialects import Params, Script, dialect_for
+from ._drivers import Outcome, Statement, compile_script, driver_for, run_script
 from ._protocol import (
     BackendError,
     check_batch_size,
@@ -43,6 +47,11 @@ _T = TypeVar("_T")
 # row vanished after the statement's snapshot); running it again creates the session anew.
 _FOREIGN_KEY_VIOLATION = "23503"
 _FOREIGN_KEY_ATTEMPTS = 5
+
+# When the pool opened a connection (kept in its pool record's ``info``): a connection found
+# closed that is older than the call was dropped by the server while it sat in the pool (a
+# restart, an idle timeout), and the call is retried on another one.
+_CONNECTED_AT = "sessions_sql.connected_at"
 
 #: Default number of sessions deleted per statement and transaction by the collector.
 DEFAULT_BATCH_SIZE = 5000
@@ -74,8 +83,11 @@ class LoopLock:
         self._lock().release()
 
 
-def unix_seconds(created_at: datetime) -> int:
-    """Whole Unix seconds of a datetime; a naive one (SQLite) is UTC."""
+def unix_seconds(created_at: datetime | str) -> int:
+    """Whole Unix seconds of a creation time: a datetime (naive means UTC) or the UTC text
+    SQLite stores (``YYYY-MM-DD HH:MM:SS``), which its driver returns as it is."""
+    if isinstance(created_at, str):
+        created_at = datetime.fromisoformat(created_at)
     return calendar.timegm(created_at.utctimetuple())
 
 
@@ -95,27 +107,32 @@ def _backend_error(operation: str, error: Exception) -> BackendError:
     return BackendError(f"{operation} failed: {reason}")
 
 
-# What a call reads from the result of its script's last statement.
+class _StaleConnection(Exception):
+    """A pooled connection that had served calls was found closed (a server restart)."""
 
 
-def _nothing(result: Any) -> None:
+# What a call reads from the outcome of its script: the rows of the last statement, or the
+# number of rows it changed.
+
+
+def _nothing(outcome: Outcome) -> None:
     return None
 
 
-def _scalar(result: Any) -> Any:
-    return result.scalar_one_or_none()
+def _scalar(rows: Any) -> Any:
+    return rows[0][0] if rows else None
 
 
-def _scalars(result: Any) -> list[Any]:
-    return list(result.scalars())
+def _scalars(rows: Any) -> list[Any]:
+    return [row[0] for row in rows]
 
 
-def _pairs(result: Any) -> dict[Any, Any]:
-    return {row[0]: row[1] for row in result}
+def _pairs(rows: Any) -> dict[Any, Any]:
+    return {row[0]: row[1] for row in rows}
 
 
-def _rowcount(result: Any) -> int:
-    return int(result.rowcount)
+def _rowcount(count: Any) -> int:
+    return int(count)
 
 
 class SQLAlchemyBackend:
@@ -154,6 +171,7 @@ class SQLAlchemyBackend:
             raise ValueError("max_value_bytes must be a non-negative int or None")
         self._engine = engine
         self._sql = dialect_for(engine.dialect.name)
+        self._driver = driver_for(engine.dialect.driver)
         self._schema = schema
         self._max_value_bytes = max_value_bytes
         self._owns_engine = False
@@ -163,9 +181,11 @@ class SQLAlchemyBackend:
         if schema is not None:
             self._bound_options["schema_translate_map"] = {None: schema}
         self._write_lock = LoopLock() if self._sql.single_writer else None
-        self._autocommit = engine.execution_options(
-            isolation_level="AUTOCOMMIT", **self._bound_options
-        )
+        if not event.contains(engine.sync_engine, "connect", _note_connect_time):
+            event.listen(engine.sync_engine, "connect", _note_connect_time)
+        self._compiled: dict[Script, tuple[Statement, ...]] = {
+            script: compile_script(script, engine.dialect, schema) for script in self._sql.scripts()
+        }
 
     @classmethod
     def from_url(
@@ -202,8 +222,6 @@ class SQLAlchemyBackend:
             engine.sync_engine.dispose()
             raise
         backend._owns_engine = True
-        if always_autocommit:
-            backend._autocommit = engine
         return backend
 
     @property
@@ -397,10 +415,10 @@ class SQLAlchemyBackend:
         params: Params,
         fetch: Callable[[Any], _T],
     ) -> _T:
-        """Run ``script`` in one transaction and return ``fetch`` of its last result.
+        """Run ``script`` in one transaction and return ``fetch`` of its outcome.
 
-        The whole script runs in one greenlet on the synchronous side of the engine (one
-        switch per call, not one per statement); retries what is safe to retry; maps errors.
+        The checkout, the script and the return to the pool run in one greenlet (one switch
+        per call, not one per statement); retries what is safe to retry; maps errors.
         """
         if self._bound is not None:
             return await self._run_bound(operation, self._bound, script, params, fetch)
@@ -416,37 +434,37 @@ class SQLAlchemyBackend:
         while True:
             attempt += 1
             try:
-                return await greenlet_spawn(self._pooled, script, params, fetch)
-            except DBAPIError as error:
-                # Every operation is idempotent: a connection that went stale in the pool
-                # (server restart) is retried once on a fresh one; the pool has already
-                # invalidated its other old connections.
-                if error.connection_invalidated and attempt == 1:
-                    continue
-                sqlstate = getattr(error.orig, "sqlstate", None)
+                return fetch(await greenlet_spawn(self._pooled, script, params))
+            except _StaleConnection:
+                # Every operation is idempotent: a connection the server dropped while it sat
+                # in the pool is discarded and the call runs again on the next one.
+                continue
+            except Exception as error:  # input is checked: anything here is the database or driver
+                sqlstate = getattr(error, "sqlstate", None)
                 if sqlstate == _FOREIGN_KEY_VIOLATION and attempt < _FOREIGN_KEY_ATTEMPTS:
                     continue
                 raise _backend_error(operation, error) from error
-            except Exception as error:  # input is checked: anything here is the database or driver
-                raise _backend_error(operation, error) from error
 
-    def _pooled(self, script: Script, params: Params, fetch: Callable[[Any], _T]) -> _T:
-        """On a pooled autocommit connection: one statement alone (one round trip), or the
-        script between :attr:`Dialect.begin` and COMMIT."""
-        with self._autocommit.sync_engine.connect() as conn:
-            if len(script) == 1 and not isinstance(params, list):
-                return fetch(conn.execute(script[0], params))
-            conn.exec_driver_sql(self._sql.begin)
-            try:
-                result = _execute(conn, script, params, fetch, None)
-                conn.exec_driver_sql("COMMIT")
-            except BaseException:
-                try:
-                    conn.exec_driver_sql("ROLLBACK")
-                except BaseException:
-                    conn.invalidate()
-                raise
-            return result
+    def _pooled(self, script: Script, params: Params) -> Outcome:
+        """Check a connection out of the engine's pool and run the compiled script on it."""
+        checkout = time.monotonic()
+        pooled = self._engine.sync_engine.raw_connection()
+        conn = pooled.driver_connection
+        driver = self._driver
+        try:
+            return run_script(driver, conn, self._sql.begin, self._compiled[script], params)
+        except BaseException as error:
+            # Interrupted mid-call (cancelled), closed, or left inside a transaction: the
+            # connection cannot go back to the pool as it is.
+            closed = driver.is_closed(conn)
+            if closed or driver.in_transaction(conn) or not isinstance(error, Exception):
+                stale = closed and pooled.info.get(_CONNECTED_AT, 0.0) < checkout
+                pooled.invalidate(error)
+                if stale:
+                    raise _StaleConnection from error
+            raise
+        finally:
+            pooled.close()
 
     async def _run_bound(
         self,
@@ -459,24 +477,25 @@ class SQLAlchemyBackend:
         """Run ``script`` in the host's transaction (begun if it was not), committing nothing."""
         try:
             conn = await bound.connection() if isinstance(bound, AsyncSession) else bound
-            return await greenlet_spawn(
-                _execute, conn.sync_connection, script, params, fetch, self._bound_options
+            outcome = await greenlet_spawn(
+                _execute, conn.sync_connection, script, params, self._bound_options
             )
+            return fetch(outcome)
         except Exception as error:  # input is checked: anything here is the database or driver
             raise _backend_error(operation, error) from error
 
 
 def _execute(
-    conn: Connection | None,
-    script: Script,
-    params: Params,
-    fetch: Callable[[Any], _T],
-    options: dict[str, Any] | None,
-) -> _T:
+    conn: Connection | None, script: Script, params: Params, options: dict[str, Any]
+) -> Outcome:
     assert conn is not None
     for statement in script:
         result = conn.execute(statement, params, execution_options=options)
-    return fetch(result)
+    return result.all() if result.returns_rows else result.rowcount
+
+
+def _note_connect_time(dbapi_connection: Any, connection_record: Any) -> None:
+    connection_record.info[_CONNECTED_AT] = time.monotonic()
 
 
 def _sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:

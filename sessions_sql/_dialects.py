@@ -74,6 +74,10 @@ class Dialect:
     #: Converts a whole-second UTC cutoff to the bind value compared with ``created_at``.
     cutoff_param: Callable[[datetime], Any]
 
+    def scripts(self) -> list[Script]:
+        """Every script of this database."""
+        return [value for value in vars(self).values() if isinstance(value, tuple)]
+
 
 # Statements that are the same SQL on both databases.
 _get_sessions = select(S.c.id)

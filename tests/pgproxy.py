@@ -8,7 +8,11 @@ messages counts round trips, whatever the driver or SQLAlchemy do above them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
+from collections.abc import AsyncIterator
+
+from sqlalchemy.engine import URL, make_url
 
 
 class RoundTripCounter:
@@ -61,3 +65,15 @@ class RoundTripCounter:
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def counting_round_trips(url: str | URL) -> AsyncIterator[tuple[RoundTripCounter, URL]]:
+    """A RoundTripCounter in front of the server of ``url``, and ``url`` through it."""
+    url = make_url(url)
+    proxy = RoundTripCounter(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    try:
+        yield proxy, url.set(host="127.0.0.1", port=port, query={"ssl": "disable"})
+    finally:
+        await proxy.close()

@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sessions_sql import BackendError, SQLAlchemyBackend, migrate
 from sessions_sql.testing import BAD_INPUTS
 
-from .pgproxy import RoundTripCounter
+from .pgproxy import counting_round_trips
 
 SECRET_ID = "secret-session-id-4f1d"
 SECRET_VALUE = b"secret-value-9c2e"
@@ -45,10 +44,12 @@ def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=timezone.utc)  # type: ignore[misc]
 
 
-class StatementCounter:
+class CheckoutCounter:
+    """Counts connections checked out of an engine's pool: no checkout, no SQL."""
+
     def __init__(self, engine: AsyncEngine) -> None:
         self.count = 0
-        event.listen(engine.sync_engine, "before_cursor_execute", self._count)
+        event.listen(engine.sync_engine, "checkout", self._count)
 
     def _count(self, *args: Any) -> None:
         self.count += 1
@@ -84,10 +85,12 @@ async def test_bad_input_runs_no_sql(
     parameter: str,
 ) -> None:
     await backend.write_value("sid", "k", b"kept")
-    counter = StatementCounter(engine)
+    counter = CheckoutCounter(engine)
     with pytest.raises(error, match=parameter):
         await getattr(backend, method)(*args)
     assert counter.count == 0
+    await backend.read_value("sid", "k")
+    assert counter.count == 1  # the counter sees the backend's calls
     assert await backend.read_values("sid") == {"k": b"kept"}
 
 
@@ -339,30 +342,26 @@ async def test_schema_option(fresh_postgres_url: str) -> None:
 
 async def test_one_round_trip_per_read_and_write(postgres_url: str) -> None:
     """write_value and read_value each cost one round trip once warm (counted on the wire)."""
-    url = make_url(postgres_url)
-    proxy = RoundTripCounter(url.host or "127.0.0.1", url.port or 5432)
-    port = await proxy.start()
-    proxied = url.set(host="127.0.0.1", port=port, query={"ssl": "disable"})
-    try:
-        async with SQLAlchemyBackend.from_url(proxied, pool_size=1, max_overflow=0) as backend:
-            calls = {
-                "write_value": lambda: backend.write_value("rt", "k", b"v" * 200),
-                "read_value": lambda: backend.read_value("rt", "k"),
-                "read_values": lambda: backend.read_values("rt"),
-                "write_values": lambda: backend.write_values("rt", {"a": b"1", "b": b"2"}),
-                "remove_value": lambda: backend.remove_value("rt", "a"),
-                "remove_values": lambda: backend.remove_values("rt", ["a", "b"]),
-                "get_session_age": lambda: backend.get_session_age("rt"),
-                "remove_session": lambda: backend.remove_session("rt"),
-            }
-            for call in calls.values():  # warm up: connect, prepare statements
-                await call()
-            for name, call in calls.items():
-                before = proxy.round_trips
-                await call()
-                assert proxy.round_trips - before == 1, name
-    finally:
-        await proxy.close()
+    async with (
+        counting_round_trips(postgres_url) as (proxy, proxied),
+        SQLAlchemyBackend.from_url(proxied, pool_size=1, max_overflow=0) as backend,
+    ):
+        calls = {
+            "write_value": lambda: backend.write_value("rt", "k", b"v" * 200),
+            "read_value": lambda: backend.read_value("rt", "k"),
+            "read_values": lambda: backend.read_values("rt"),
+            "write_values": lambda: backend.write_values("rt", {"a": b"1", "b": b"2"}),
+            "remove_value": lambda: backend.remove_value("rt", "a"),
+            "remove_values": lambda: backend.remove_values("rt", ["a", "b"]),
+            "get_session_age": lambda: backend.get_session_age("rt"),
+            "remove_session": lambda: backend.remove_session("rt"),
+        }
+        for call in calls.values():  # warm up: connect, prepare statements
+            await call()
+        for name, call in calls.items():
+            before = proxy.round_trips
+            await call()
+            assert proxy.round_trips - before == 1, name
 
 
 async def test_using_runs_inside_the_host_transaction(
