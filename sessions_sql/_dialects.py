@@ -141,7 +141,10 @@ def _postgresql() -> Dialect:
         .limit(_limit)
         .with_for_update(skip_locked=True)
     )
-    remove_created_before = delete(S).where(S.c.id.in_(doomed.scalar_subquery()))
+    # "= ANY(ARRAY(subquery))", not "IN (subquery)": the planner turns IN into a join that
+    # scans the whole table per batch, while the array is computed once (an InitPlan) and
+    # probed through the primary key.
+    remove_created_before = delete(S).where(S.c.id == any_(func.array(doomed.scalar_subquery())))
 
     return Dialect(
         name="postgresql",

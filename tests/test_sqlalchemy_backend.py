@@ -7,7 +7,7 @@ import asyncio
 import calendar
 import os
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -320,6 +320,28 @@ async def test_recovers_after_server_kills_connections(
     await pg_backend.write_value("s0", "k", b"w")
     assert await pg_backend.read_value("s0", "k") == b"w"
     assert len(await pg_backend.get_sessions()) == 8
+
+
+async def test_expiry_batch_scans_no_whole_table(pg_backend: SQLAlchemyBackend) -> None:
+    """The expiry DELETE finds a batch through the created_at index and deletes it through
+    the primary key: a scan of the whole table per batch would make a pass quadratic."""
+    async with pg_backend.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO sessions (id, created_at) SELECT 's' || i, "
+                "now() - (i % 2) * interval '30 days' FROM generate_series(1, 50000) AS i"
+            )
+        )
+        await conn.execute(text("ANALYZE sessions"))
+    (statement,) = pg_backend._compiled[pg_backend._sql.remove_created_before]
+    cutoff = datetime.now(timezone.utc) - timedelta(days=1)
+    async with pg_backend.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        rows = await raw.driver_connection.fetch(f"EXPLAIN {statement.sql}", cutoff, 5000)
+    plan = "\n".join(row[0] for row in rows)
+    assert "Seq Scan" not in plan, plan
+    assert "pk_sessions" in plan, plan
+    assert await pg_backend.remove_sessions_created_before(cutoff) == 25000
 
 
 async def test_schema_option(fresh_postgres_url: str) -> None:
