@@ -200,10 +200,13 @@ class SQLAlchemyBackend:
 
         ``engine_kw`` go to :func:`~sqlalchemy.ext.asyncio.create_async_engine`; unless given,
         ``hide_parameters=True`` keeps session ids and values out of SQLAlchemy's logs and
-        error messages. A SQLite file database is switched to WAL mode so that readers do not
-        wait for writers.
+        error messages, and ``pool_use_lifo=True`` reuses the most recently used connection
+        (its server process is the one whose caches are warm; spare connections can time
+        out). A SQLite file database is switched to WAL mode so that readers do not wait for
+        writers.
         """
         engine_kw.setdefault("hide_parameters", True)
+        engine_kw.setdefault("pool_use_lifo", True)
         always_autocommit = (
             make_url(url).get_backend_name() == "sqlite" and "isolation_level" not in engine_kw
         )
