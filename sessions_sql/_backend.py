@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import collections
 import copy
 import time
 import weakref
@@ -25,7 +26,8 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from ._dialects import Params, Script, dialect_for
 from ._drivers import Outcome, Statement, compile_script, driver_for, run_script
@@ -107,6 +109,74 @@ def _backend_error(operation: str, error: Exception) -> BackendError:
     return BackendError(f"{operation} failed: {reason}")
 
 
+class _Kept:
+    """Connections a backend keeps checked out of its own engine's pool between calls.
+
+    A call takes the most recently used idle one; if none is idle it checks a new one out of
+    the pool, or, with ``pool_size`` of them kept already, waits until a call gives one back.
+    A busy backend so pays no pool checkout and no greenlet switch per call. For an engine the
+    backend owns, whose connections cannot go stale (SQLite: a thread over a local file);
+    ``close`` returns them to the pool.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._idle: list[PoolProxiedConnection] = []
+        pool_size = getattr(engine.sync_engine.pool, "size", None)  # StaticPool: one
+        self._limit = pool_size() if pool_size is not None else 1
+        self._count = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_idle(self) -> PoolProxiedConnection | None:
+        """The most recently used idle connection, if there is one."""
+        return self._idle.pop() if self._idle else None
+
+    async def take(self) -> PoolProxiedConnection:
+        """An idle connection, a new one, or the next one given back."""
+        while not self._idle:
+            if self._count < self._limit:
+                self._count += 1
+                try:
+                    return await greenlet_spawn(self._engine.sync_engine.raw_connection)
+                except BaseException:
+                    self._lost()
+                    raise
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: pass the turn on
+                raise
+        return self._idle.pop()
+
+    def give_back(self, connection: PoolProxiedConnection) -> None:
+        self._idle.append(connection)
+        self._wake()
+
+    def discard(self, connection: PoolProxiedConnection, error: BaseException) -> None:
+        connection.invalidate(error)  # outside a greenlet: closed without waiting
+        connection.close()
+        self._lost()
+
+    def _lost(self) -> None:
+        self._count -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        self._count -= len(idle)
+        await greenlet_spawn(_close_each, idle)
+
+
 class _StaleConnection(Exception):
     """A pooled connection that had served calls was found closed (a server restart)."""
 
@@ -181,6 +251,7 @@ class SQLAlchemyBackend:
         if schema is not None:
             self._bound_options["schema_translate_map"] = {None: schema}
         self._write_lock = LoopLock() if self._sql.single_writer else None
+        self._kept: _Kept | None = None
         if not event.contains(engine.sync_engine, "connect", _note_connect_time):
             event.listen(engine.sync_engine, "connect", _note_connect_time)
         self._compiled: dict[Script, tuple[Statement, ...]] = {
@@ -225,6 +296,8 @@ class SQLAlchemyBackend:
             engine.sync_engine.dispose()
             raise
         backend._owns_engine = True
+        if always_autocommit:
+            backend._kept = _Kept(engine)
         return backend
 
     @property
@@ -240,6 +313,8 @@ class SQLAlchemyBackend:
     async def close(self) -> None:
         """Dispose of the engine if this backend created it (``from_url``); else do nothing."""
         if self._owns_engine:
+            if self._kept is not None:
+                await self._kept.close()
             await self._engine.dispose()
 
     async def __aenter__(self) -> SQLAlchemyBackend:
@@ -437,6 +512,8 @@ class SQLAlchemyBackend:
         while True:
             attempt += 1
             try:
+                if self._kept is not None:
+                    return fetch(await self._on_kept(self._kept, script, params))
                 return fetch(await greenlet_spawn(self._pooled, script, params))
             except _StaleConnection:
                 # Every operation is idempotent: a connection the server dropped while it sat
@@ -449,25 +526,52 @@ class SQLAlchemyBackend:
                 raise _backend_error(operation, error) from error
 
     def _pooled(self, script: Script, params: Params) -> Outcome:
-        """Check a connection out of the engine's pool and run the compiled script on it."""
+        """Check a connection out of the engine's pool, run the compiled script on it and
+        check it back in (in a greenlet: the pool may wait or connect)."""
         checkout = time.monotonic()
         pooled = self._engine.sync_engine.raw_connection()
         conn = pooled.driver_connection
-        driver = self._driver
         try:
-            return run_script(driver, conn, self._sql.begin, self._compiled[script], params)
+            return await_only(
+                run_script(self._driver, conn, self._sql.begin, self._compiled[script], params)
+            )
         except BaseException as error:
-            # Interrupted mid-call (cancelled), closed, or left inside a transaction: the
-            # connection cannot go back to the pool as it is.
-            closed = driver.is_closed(conn)
-            if closed or driver.in_transaction(conn) or not isinstance(error, Exception):
-                stale = closed and pooled.info.get(_CONNECTED_AT, 0.0) < checkout
+            if self._unusable(conn, error):
+                stale = self._driver.is_closed(conn)
+                stale = stale and pooled.info.get(_CONNECTED_AT, 0.0) < checkout
                 pooled.invalidate(error)
                 if stale:
                     raise _StaleConnection from error
             raise
         finally:
             pooled.close()
+
+    async def _on_kept(self, kept: _Kept, script: Script, params: Params) -> Outcome:
+        """Run the compiled script on a kept connection."""
+        connection = kept.take_idle() or await kept.take()
+        conn = connection.driver_connection
+        try:
+            outcome = await run_script(
+                self._driver, conn, self._sql.begin, self._compiled[script], params
+            )
+        except BaseException as error:
+            if self._unusable(conn, error):
+                kept.discard(connection, error)
+            else:
+                kept.give_back(connection)
+            raise
+        kept.give_back(connection)
+        return outcome
+
+    def _unusable(self, conn: Any, error: BaseException) -> bool:
+        """Interrupted mid-call (cancelled), closed, or left inside a transaction: the
+        connection cannot serve another call as it is."""
+        driver = self._driver
+        return (
+            not isinstance(error, Exception)
+            or driver.is_closed(conn)
+            or driver.in_transaction(conn)
+        )
 
     async def _run_bound(
         self,
@@ -495,6 +599,11 @@ def _execute(
     for statement in script:
         result = conn.execute(statement, params, execution_options=options)
     return result.all() if result.returns_rows else result.rowcount
+
+
+def _close_each(connections: list[PoolProxiedConnection]) -> None:
+    for connection in connections:
+        connection.close()
 
 
 def _note_connect_time(dbapi_connection: Any, connection_record: Any) -> None:

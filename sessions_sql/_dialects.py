@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     DateTime,
@@ -33,6 +33,8 @@ from .models import sessions_table as S
 from .models import values_table as V
 
 __all__ = ["Dialect", "Params", "Script", "dialect_for"]
+
+_T = TypeVar("_T")
 
 Script = tuple[Executable, ...]
 Params = dict[str, Any] | list[dict[str, Any]]
@@ -228,10 +230,15 @@ def _sqlite() -> Dialect:
 _DIALECTS = {"postgresql": _postgresql(), "sqlite": _sqlite()}
 
 
+def supported(table: Mapping[str, _T], name: str, what: str) -> _T:
+    """Return ``table[name]``, or raise ``ValueError`` naming the unsupported ``what``."""
+    try:
+        return table[name]
+    except KeyError:
+        names = ", ".join(sorted(table))
+        raise ValueError(f"unsupported {what} {name!r}; supported: {names}") from None
+
+
 def dialect_for(name: str) -> Dialect:
     """Return the statements for a SQLAlchemy dialect name, or raise ``ValueError``."""
-    try:
-        return _DIALECTS[name]
-    except KeyError:
-        supported = ", ".join(sorted(_DIALECTS))
-        raise ValueError(f"unsupported database {name!r}; supported: {supported}") from None
+    return supported(_DIALECTS, name, "database")

@@ -4,22 +4,22 @@ On its pooled path the backend checks a connection out of the engine's pool and 
 statements of ``_dialects`` straight to the driver: each is compiled once per backend to
 the driver's SQL text with positional parameters, so a call costs no SQLAlchemy
 ``Connection``, compilation or ``Result``, only the driver's own call. Everything here runs
-inside ``greenlet_spawn`` and waits on the driver with ``await_only``.
+as plain coroutines: the backend awaits them directly on a connection it keeps, or inside
+``greenlet_spawn`` with ``await_only`` between a pool checkout and check-in.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy.engine.interfaces import Dialect as EngineDialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
-from sqlalchemy.util import await_only
 
-from ._dialects import Params, Script
+from ._dialects import Params, Script, supported
 
 __all__ = ["Driver", "Statement", "compile_script", "driver_for", "run_script"]
 
@@ -64,26 +64,26 @@ def compile_script(
 
 @dataclass(frozen=True)
 class Driver:
-    """The calls of one driver on its connection; each waits with ``await_only``."""
+    """The calls of one driver on its connection."""
 
     name: str
     #: Run a statement and return its rows.
-    rows: Callable[[Any, str, tuple[Any, ...]], Sequence[Sequence[Any]]]
+    rows: Callable[[Any, str, tuple[Any, ...]], Awaitable[Sequence[Sequence[Any]]]]
     #: Run a statement and return how many rows it changed.
-    count: Callable[[Any, str, tuple[Any, ...]], int]
+    count: Callable[[Any, str, tuple[Any, ...]], Awaitable[int]]
     #: Run a statement once per argument tuple.
-    many: Callable[[Any, str, list[tuple[Any, ...]]], None]
+    many: Callable[[Any, str, list[tuple[Any, ...]]], Awaitable[object]]
     #: The connection is inside a transaction (begun by a script or implicitly by the driver).
     in_transaction: Callable[[Any], bool]
     #: The connection is closed (the server went away): the pool must drop it.
     is_closed: Callable[[Any], bool]
     #: After the driver gave up waiting for a statement (a client timeout), wait until the
     #: server has ended it, so that a call that raised leaves nothing running behind it.
-    settle: Callable[[Any], None]
+    settle: Callable[[Any], Awaitable[object]]
 
 
-def _asyncpg_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
-    status: str = await_only(conn.execute(sql, *args))  # "DELETE 3", "INSERT 0 1", "BEGIN"
+async def _asyncpg_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
+    status: str = await conn.execute(sql, *args)  # "DELETE 3", "INSERT 0 1", "BEGIN"
     count = status.rpartition(" ")[2]
     return int(count) if count.isdigit() else 0
 
@@ -92,35 +92,35 @@ def _asyncpg_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
 # explicit transaction for a single statement.
 _ASYNCPG = Driver(
     name="asyncpg",
-    rows=lambda conn, sql, args: await_only(conn.fetch(sql, *args)),
+    rows=lambda conn, sql, args: conn.fetch(sql, *args),
     count=_asyncpg_count,
-    many=lambda conn, sql, rows: await_only(conn.executemany(sql, rows)),
+    many=lambda conn, sql, rows: conn.executemany(sql, rows),
     in_transaction=lambda conn: bool(conn.is_in_transaction()),
     is_closed=lambda conn: bool(conn.is_closed()),
     # On a timeout asyncpg sends the server a cancel request; its next query on the
     # connection waits until the cancelled statement has ended.
-    settle=lambda conn: await_only(conn.execute("SELECT 1")) and None,
+    settle=lambda conn: conn.execute("SELECT 1"),
 )
 
 
-def _aiosqlite_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
-    cursor = await_only(conn.execute(sql, args))
+async def _aiosqlite_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
+    cursor = await conn.execute(sql, args)
     return int(cursor.rowcount)
 
 
-def _aiosqlite_many(conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    await_only(conn.executemany(sql, rows))
+async def _nothing_to_settle(conn: Any) -> None:
+    """SQLite's busy timeout fails inside the call: nothing runs on after it."""
 
 
 # Each aiosqlite call is one trip to the connection's thread.
 _AIOSQLITE = Driver(
     name="aiosqlite",
-    rows=lambda conn, sql, args: await_only(conn.execute_fetchall(sql, args)),
+    rows=lambda conn, sql, args: conn.execute_fetchall(sql, args),
     count=_aiosqlite_count,
-    many=_aiosqlite_many,
+    many=lambda conn, sql, rows: conn.executemany(sql, rows),
     in_transaction=lambda conn: bool(conn.in_transaction),
     is_closed=lambda conn: False,  # a local file: nothing to lose but the process
-    settle=lambda conn: None,  # SQLite's busy timeout fails inside the call: nothing runs on
+    settle=_nothing_to_settle,
 )
 
 _DRIVERS = {driver.name: driver for driver in (_ASYNCPG, _AIOSQLITE)}
@@ -128,23 +128,19 @@ _DRIVERS = {driver.name: driver for driver in (_ASYNCPG, _AIOSQLITE)}
 
 def driver_for(name: str) -> Driver:
     """Return the driver for a SQLAlchemy driver name, or raise ``ValueError``."""
-    try:
-        return _DRIVERS[name]
-    except KeyError:
-        supported = ", ".join(sorted(_DRIVERS))
-        raise ValueError(f"unsupported driver {name!r}; supported: {supported}") from None
+    return supported(_DRIVERS, name, "driver")
 
 
-def _run(driver: Driver, conn: Any, statement: Statement, params: Params) -> Outcome:
+async def _run(driver: Driver, conn: Any, statement: Statement, params: Params) -> Outcome:
     if isinstance(params, list):
-        driver.many(conn, statement.sql, [statement.args(row) for row in params])
+        await driver.many(conn, statement.sql, [statement.args(row) for row in params])
         return 0
     if statement.returns_rows:
-        return driver.rows(conn, statement.sql, statement.args(params))
-    return driver.count(conn, statement.sql, statement.args(params))
+        return await driver.rows(conn, statement.sql, statement.args(params))
+    return await driver.count(conn, statement.sql, statement.args(params))
 
 
-def run_script(
+async def run_script(
     driver: Driver, conn: Any, begin: str, script: tuple[Statement, ...], params: Params
 ) -> Outcome:
     """Run ``script`` as one transaction on the driver connection ``conn``.
@@ -154,23 +150,28 @@ def run_script(
     back; one that is cancelled is not, and its connection must be discarded.
     """
     if len(script) == 1 and not isinstance(params, list):
+        (statement,) = script
+        outcome: Outcome
         try:
-            outcome = _run(driver, conn, script[0], params)
+            if statement.returns_rows:
+                outcome = await driver.rows(conn, statement.sql, statement.args(params))
+            else:
+                outcome = await driver.count(conn, statement.sql, statement.args(params))
         except asyncio.TimeoutError:
-            driver.settle(conn)
+            await driver.settle(conn)
             raise
         if driver.in_transaction(conn):  # a driver outside autocommit began one implicitly
-            driver.count(conn, "COMMIT", ())
+            await driver.count(conn, "COMMIT", ())
         return outcome
-    driver.count(conn, begin, ())
+    await driver.count(conn, begin, ())
     try:
         for statement in script:
-            outcome = _run(driver, conn, statement, params)
-        driver.count(conn, "COMMIT", ())
+            outcome = await _run(driver, conn, statement, params)
+        await driver.count(conn, "COMMIT", ())
     except Exception:
         # (A cancelled call rolls back nothing here: the connection may still be busy with
         # the statement it was waiting for, so the caller discards the connection instead.)
         if driver.in_transaction(conn):  # also waits out a statement the driver gave up on
-            driver.count(conn, "ROLLBACK", ())
+            await driver.count(conn, "ROLLBACK", ())
         raise
     return outcome

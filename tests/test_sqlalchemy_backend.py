@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sessions_sql import BackendError, SQLAlchemyBackend, migrate
 from sessions_sql.testing import BAD_INPUTS
 
+from .conftest import guard
 from .pgproxy import counting_round_trips
 
 SECRET_ID = "secret-session-id-4f1d"
@@ -286,6 +287,31 @@ async def test_pool_exhaustion_is_a_clear_backend_error(db_url: str) -> None:
                 await backend.read_value("s", "k")
         await backend.write_value("s", "k", b"v")  # full service once it is free
         assert await backend.read_value("s", "k") == b"v"
+
+
+async def test_sqlite_backend_keeps_pool_size_connections(sqlite_url: str) -> None:
+    """A from_url backend on SQLite keeps its connections between calls, at most pool_size:
+    more calls wait for one to be given back, and a waiter cancelled right after its turn
+    came passes the turn on instead of leaving the others waiting."""
+    await migrate(sqlite_url)
+    async with SQLAlchemyBackend.from_url(sqlite_url, pool_size=1, max_overflow=0) as backend:
+        pool = backend.engine.sync_engine.pool
+        await backend.write_value("s", "k", b"v")
+        assert pool.checkedout() == 1  # type: ignore[attr-defined]  # kept, not returned
+        kept = backend._kept
+        assert kept is not None
+        held = await kept.take()  # the only connection
+        first = asyncio.create_task(backend.read_value("s", "k"))
+        second = asyncio.create_task(backend.read_value("s", "k"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not first.done() and not second.done()
+        kept.give_back(held)  # first's turn comes...
+        first.cancel()  # ...and it is cancelled before it runs
+        assert await guard(second, "the second waiter") == b"v"
+        assert first.cancelled()
+        assert pool.checkedout() == 1  # type: ignore[attr-defined]
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]  # close() returned it
 
 
 # PostgreSQL only.
