@@ -26,7 +26,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.pool import AsyncAdaptedQueuePool, PoolProxiedConnection
 from sqlalchemy.util import await_only, greenlet_spawn
 
 from ._dialects import Params, Script, dialect_for
@@ -155,10 +155,11 @@ class _Kept:
         self._idle.append(connection)
         self._wake()
 
-    def discard(self, connection: PoolProxiedConnection, error: BaseException) -> None:
-        connection.invalidate(error)  # outside a greenlet: closed without waiting
-        connection.close()
-        self._lost()
+    async def discard(self, connection: PoolProxiedConnection, error: BaseException) -> None:
+        try:
+            await greenlet_spawn(_invalidate, connection, error)
+        finally:
+            self._lost()
 
     def _lost(self) -> None:
         self._count -= 1
@@ -271,16 +272,22 @@ class SQLAlchemyBackend:
 
         ``engine_kw`` go to :func:`~sqlalchemy.ext.asyncio.create_async_engine`; unless given,
         ``hide_parameters=True`` keeps session ids and values out of SQLAlchemy's logs and
-        error messages, and ``pool_use_lifo=True`` reuses the most recently used connection
-        (its server process is the one whose caches are warm; spare connections can time
-        out). A SQLite file database is switched to WAL mode so that readers do not wait for
-        writers.
+        error messages, and on PostgreSQL ``pool_use_lifo=True`` reuses the most recently used
+        connection (its server process is the one whose caches are warm; spare connections
+        can time out). A SQLite file database is switched to WAL mode so that readers do not
+        wait for writers.
         """
+        url = make_url(url)
+        sqlite = url.get_backend_name() == "sqlite"
         engine_kw.setdefault("hide_parameters", True)
-        engine_kw.setdefault("pool_use_lifo", True)
-        always_autocommit = (
-            make_url(url).get_backend_name() == "sqlite" and "isolation_level" not in engine_kw
-        )
+        if "poolclass" not in engine_kw:
+            if not sqlite:
+                engine_kw.setdefault("pool_use_lifo", True)
+            elif url.database not in (None, "", ":memory:"):
+                # The backend keeps its SQLite connections (see _Kept): a queue pool bounds
+                # them by pool_size (SQLAlchemy 2.0 would give a file a NullPool, unbounded).
+                engine_kw["poolclass"] = AsyncAdaptedQueuePool
+        always_autocommit = sqlite and "isolation_level" not in engine_kw
         if always_autocommit:
             # Switching a SQLite connection's isolation level costs several trips to the
             # driver's thread on every checkout and return. An engine of our own can stay in
@@ -556,7 +563,7 @@ class SQLAlchemyBackend:
             )
         except BaseException as error:
             if self._unusable(conn, error):
-                kept.discard(connection, error)
+                await kept.discard(connection, error)
             else:
                 kept.give_back(connection)
             raise
@@ -599,6 +606,11 @@ def _execute(
     for statement in script:
         result = conn.execute(statement, params, execution_options=options)
     return result.all() if result.returns_rows else result.rowcount
+
+
+def _invalidate(connection: PoolProxiedConnection, error: BaseException) -> None:
+    connection.invalidate(error)
+    connection.close()
 
 
 def _close_each(connections: list[PoolProxiedConnection]) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from sessions_sql import MemoryBackend, SQLAlchemyBackend, migrate
 
@@ -157,3 +158,9 @@ async def any_backend(any_url: str | None) -> AsyncIterator[Any]:
         return
     async with SQLAlchemyBackend.from_url(any_url) as backend:
         yield backend
+
+
+def queue_pool(size: int) -> dict[str, Any]:
+    """Engine options for a pool of exactly ``size`` connections, on either database (on
+    SQLite files SQLAlchemy 2.0 defaults to a NullPool, 2.1 to a queue pool)."""
+    return {"poolclass": AsyncAdaptedQueuePool, "pool_size": size, "max_overflow": 0}

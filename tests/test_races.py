@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sessions_sql import SessionCollector, SQLAlchemyBackend
 
-from .conftest import guard, now
+from .conftest import guard, now, queue_pool
 
 RACE_BUDGET = 2.5  # seconds of racing per workload
 LIFETIME = timedelta(days=1)
@@ -95,7 +95,7 @@ async def test_first_writes_of_one_session_at_the_same_instant(db_url: str) -> N
     open, so that on PostgreSQL every statement reaches the database at once (on SQLite the
     backend queues this process's writes on its lock). No error; exactly one session row;
     every key there, checked in the tables. Several rounds, a new id each."""
-    engine = create_async_engine(db_url, pool_size=CREATORS, max_overflow=0)
+    engine = create_async_engine(db_url, **queue_pool(size=CREATORS))
     backend = SQLAlchemyBackend(engine)
     try:
         async with contextlib.AsyncExitStack() as stack:  # open the pool's connections
@@ -564,7 +564,7 @@ async def test_cancelled_calls_leave_pool_and_data_sound(db_url: str, owned: boo
     between calls). No connection leaks or is left inside a transaction (afterwards four
     calls at once, one per connection, work), every session is all or nothing (no value
     without its session, no session without values), and the backend serves every call."""
-    pool = {"pool_size": 4, "max_overflow": 0, "pool_timeout": 10}
+    pool = {**queue_pool(size=4), "pool_timeout": 10}
     if owned:
         backend = SQLAlchemyBackend.from_url(db_url, **pool)
     else:
