@@ -179,7 +179,7 @@ class _Kept:
 
 
 class _StaleConnection(Exception):
-    """A pooled connection that had served calls was found closed (a server restart)."""
+    """A pooled connection opened before the call was found closed (a server restart)."""
 
 
 # What a call reads from the outcome of its script: the rows of the last statement, or the
