@@ -146,13 +146,18 @@ class RawSQLite:
     async def remove_value(self, session_id: str, key: str) -> None:
         await self._fetch(SQLITE.remove_value, (session_id, key))
 
-    async def remove_session(self, session_id: str) -> None:
+    async def _transaction(self, *steps: tuple[str, Any]) -> None:
+        """Run ``(sql, parameters)`` steps between BEGIN IMMEDIATE and COMMIT, one trip to
+        the connection's thread each; a list of parameter tuples runs with executemany."""
         conn = await self._free.get()
         try:
             await conn.execute_fetchall(SQLITE.begin)
             try:
-                await conn.execute_fetchall(SQLITE.remove_session_values, (session_id,))
-                await conn.execute_fetchall(SQLITE.remove_session, (session_id,))
+                for sql, parameters in steps:
+                    if isinstance(parameters, list):
+                        await conn.executemany(sql, parameters)
+                    else:
+                        await conn.execute_fetchall(sql, parameters)
                 await conn.execute_fetchall("COMMIT")
             except BaseException:
                 await conn.execute_fetchall("ROLLBACK")
@@ -160,45 +165,22 @@ class RawSQLite:
         finally:
             self._free.put_nowait(conn)
 
+    async def remove_session(self, session_id: str) -> None:
+        await self._transaction(
+            (SQLITE.remove_session_values, (session_id,)),
+            (SQLITE.remove_session, (session_id,)),
+        )
+
     async def write_value(self, session_id: str, key: str, value: bytes) -> None:
-        conn = await self._free.get()
-        try:
-            await conn.execute_fetchall(SQLITE.begin)
-            try:
-                await conn.execute_fetchall(SQLITE.new_session, (session_id,))
-                await conn.execute_fetchall(SQLITE.upsert_value, (session_id, key, value))
-                await conn.execute_fetchall("COMMIT")
-            except BaseException:
-                await conn.execute_fetchall("ROLLBACK")
-                raise
-        finally:
-            self._free.put_nowait(conn)
+        await self._transaction(
+            (SQLITE.new_session, (session_id,)),
+            (SQLITE.upsert_value, (session_id, key, value)),
+        )
 
     async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None:
         rows = [(session_id, key, value) for key, value in values.items()]
-        conn = await self._free.get()
-        try:
-            await conn.execute_fetchall(SQLITE.begin)
-            try:
-                await conn.execute_fetchall(SQLITE.new_session, (session_id,))
-                await conn.executemany(SQLITE.upsert_value, rows)
-                await conn.execute_fetchall("COMMIT")
-            except BaseException:
-                await conn.execute_fetchall("ROLLBACK")
-                raise
-        finally:
-            self._free.put_nowait(conn)
+        await self._transaction((SQLITE.new_session, (session_id,)), (SQLITE.upsert_value, rows))
 
     async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
         rows = [(session_id, key) for key in dict.fromkeys(keys)]
-        conn = await self._free.get()
-        try:
-            await conn.execute_fetchall(SQLITE.begin)
-            try:
-                await conn.executemany(SQLITE.remove_value, rows)
-                await conn.execute_fetchall("COMMIT")
-            except BaseException:
-                await conn.execute_fetchall("ROLLBACK")
-                raise
-        finally:
-            self._free.put_nowait(conn)
+        await self._transaction((SQLITE.remove_value, rows))
