@@ -295,8 +295,9 @@ class SQLAlchemyBackend:
             # reset on return: every script ends with its own COMMIT or ROLLBACK.
             engine_kw.update(isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
         engine = create_async_engine(url, **engine_kw)
-        if engine.dialect.name == "sqlite":
-            event.listen(engine.sync_engine, "connect", _sqlite_wal)
+        on_connect = dialect_for(engine.dialect.name).on_connect
+        if on_connect is not None:
+            event.listen(engine.sync_engine, "connect", on_connect)
         try:
             backend = cls(engine, schema=schema, max_value_bytes=max_value_bytes)
         except BaseException:
@@ -620,11 +621,3 @@ def _close_each(connections: list[PoolProxiedConnection]) -> None:
 
 def _note_connect_time(dbapi_connection: Any, connection_record: Any) -> None:
     connection_record.info[_CONNECTED_AT] = time.monotonic()
-
-
-def _sqlite_wal(dbapi_connection: Any, connection_record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-    finally:
-        cursor.close()

@@ -8,6 +8,8 @@ one runs inside an explicit write transaction opened with :attr:`Dialect.begin`.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,12 +29,14 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import ColumnElement, Executable, Selectable
+from sqlalchemy.util import await_only
 
 from .models import sessions_table as S
 from .models import values_table as V
 
-__all__ = ["Dialect", "Params", "Script", "dialect_for"]
+__all__ = ["Dialect", "Params", "Script", "dialect_for", "lock_migrations"]
 
 _T = TypeVar("_T")
 
@@ -75,6 +79,11 @@ class Dialect:
     created_before: ColumnElement[bool]
     #: Converts a whole-second UTC cutoff to the bind value compared with ``created_at``.
     cutoff_param: Callable[[datetime], Any]
+    #: Run first in a migration's transaction: makes concurrent migrators (several workers
+    #: of one application starting at once) wait for each other.
+    lock_migrations: Callable[[Connection], object]
+    #: ``connect`` event of engines the backend creates itself (``from_url``), if any.
+    on_connect: Callable[[Any, Any], None] | None
 
     def scripts(self) -> list[Script]:
         """Every script of this database."""
@@ -89,6 +98,14 @@ _read_value = select(V.c.value).where(V.c.session_id == _sid, V.c.key == _key)
 _read_values = select(V.c.key, V.c.value).where(V.c.session_id == _sid)
 _remove_value = delete(V).where(V.c.session_id == _sid, V.c.key == _key)
 _delete_session = delete(S).where(S.c.id == _sid)
+
+
+# Serialises concurrent migrators on PostgreSQL (an arbitrary constant: "sessions_sql" in hex).
+_MIGRATION_LOCK_KEY = 0x73657373696F6E73
+
+
+def _postgresql_lock_migrations(connection: Connection) -> object:
+    return connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
 
 
 def _postgresql() -> Dialect:
@@ -171,6 +188,8 @@ def _postgresql() -> Dialect:
         remove_values_params=lambda sid, keys: {"sid": sid, "keys": keys},
         created_before=created_before,
         cutoff_param=lambda cutoff: cutoff,
+        lock_migrations=_postgresql_lock_migrations,
+        on_connect=None,
     )
 
 
@@ -178,6 +197,61 @@ def _sqlite_cutoff(cutoff: datetime) -> str:
     # SQLite stores CURRENT_TIMESTAMP as text ("YYYY-MM-DD HH:MM:SS", UTC); text in the same
     # format compares in time order. The cutoff is already a whole second.
     return cutoff.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _sqlite_lock_migrations(connection: Connection) -> object:
+    # The whole migration in one write transaction, taken up front: a second migrator waits
+    # in the busy handler until the first commits, then finds the schema up to date. (A
+    # deferred transaction would read the version table first and then fail at once on the
+    # write lock; DDL outside a transaction would race table creation.) A connection whose
+    # owner already began a transaction on it keeps that one.
+    if connection.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+        return None
+    return connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_SQLITE_BUSY = 5  # SQLite's primary result code for a locked database file
+
+
+def _is_busy(error: Exception) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)  # Python >= 3.11
+    if code is not None:
+        return bool(code & 0xFF == _SQLITE_BUSY)
+    return "database is locked" in str(error)
+
+
+def _sqlite_use_wal(dbapi_connection: Any, connection_record: Any) -> None:
+    """Switch a SQLite file to WAL mode (readers then never wait for the writer).
+
+    A file already in WAL is left as it is: asking needs only a shared lock, which waits in
+    the busy handler. Switching needs an exclusive lock, and SQLite refuses that at once,
+    without calling its busy handler, while another process holds the write lock (waiting
+    could deadlock); so the switch is retried until the connection's busy timeout (the
+    driver's ``timeout``, set when the file is opened) has passed.
+    """
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout")
+        (timeout_ms,) = cursor.fetchone()
+        deadline = time.monotonic() + timeout_ms / 1000
+        delay = 0.001
+        while True:
+            cursor.execute("PRAGMA journal_mode")
+            (mode,) = cursor.fetchone()
+            if mode.lower() in ("wal", "memory"):  # memory: an in-memory database
+                return
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.fetchall()
+                return
+            except Exception as error:
+                if not _is_busy(error) or time.monotonic() >= deadline:
+                    raise
+            # Connect events of an async engine run in a greenlet: wait without blocking.
+            await_only(asyncio.sleep(delay))
+            delay = min(2 * delay, 0.05)
+    finally:
+        cursor.close()
 
 
 def _sqlite() -> Dialect:
@@ -224,6 +298,8 @@ def _sqlite() -> Dialect:
         remove_values_params=lambda sid, keys: [{"sid": sid, "key": k} for k in keys],
         created_before=created_before,
         cutoff_param=_sqlite_cutoff,
+        lock_migrations=_sqlite_lock_migrations,
+        on_connect=_sqlite_use_wal,
     )
 
 
@@ -237,6 +313,14 @@ def supported(table: Mapping[str, _T], name: str, what: str) -> _T:
     except KeyError:
         names = ", ".join(sorted(table))
         raise ValueError(f"unsupported {what} {name!r}; supported: {names}") from None
+
+
+def lock_migrations(connection: Connection) -> None:
+    """Take the migration lock of ``connection``'s database (:attr:`Dialect.lock_migrations`);
+    on a database this package has no statements for, none."""
+    dialect = _DIALECTS.get(connection.dialect.name)
+    if dialect is not None:
+        dialect.lock_migrations(connection)
 
 
 def dialect_for(name: str) -> Dialect:

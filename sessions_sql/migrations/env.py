@@ -14,17 +14,16 @@ import os
 from typing import Any
 
 from alembic import context
-from sqlalchemy import Connection, create_engine, pool, text
+from sqlalchemy import Connection, create_engine, pool
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.schema import CreateSchema
 
+from sessions_sql._dialects import lock_migrations
 from sessions_sql._migrate import VERSION_TABLE
 from sessions_sql.models import Base
 
 DEFAULT_URL = "sqlite+aiosqlite:///sessions.db"
-# Serialises concurrent migrators on PostgreSQL (an arbitrary constant: "sessions_sql" in hex).
-ADVISORY_LOCK_KEY = 0x73657373696F6E73
 
 config = context.config
 
@@ -67,10 +66,7 @@ def run_on(connection: Connection) -> None:
         connection.execute(CreateSchema(schema, if_not_exists=True))
     _configure(connection=connection)
     with context.begin_transaction():
-        if connection.dialect.name == "postgresql":
-            connection.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
-            )
+        lock_migrations(connection)
         context.run_migrations()
 
 
