@@ -8,19 +8,32 @@ stores sessions in two tables managed by the packaged Alembic migrations (:func:
 from ._backend import SQLAlchemyBackend
 from ._memory import MemoryBackend
 from ._migrate import include_name, migrate
-from ._protocol import BackendError, SessionBackend, SessionError, SessionsSQLError
+from ._protocol import (
+    BackendError,
+    BatchValues,
+    BulkRemoval,
+    SessionBackend,
+    SessionError,
+    SessionListing,
+    SessionsSQLError,
+    check_extension,
+)
 from ._session import Session, SessionCollector, SessionManager
 
 __all__ = [
     "BackendError",
+    "BatchValues",
+    "BulkRemoval",
     "MemoryBackend",
     "SQLAlchemyBackend",
     "Session",
     "SessionBackend",
     "SessionCollector",
     "SessionError",
+    "SessionListing",
     "SessionManager",
     "SessionsSQLError",
+    "check_extension",
     "include_name",
     "migrate",
 ]

@@ -1,25 +1,37 @@
-"""The session backend protocol, the package's exceptions and input validation.
+"""The session backend protocol, its optional extensions, the package's exceptions and input
+validation.
 
-Everything in the package works with any object satisfying :class:`SessionBackend`.
+Everything in the package works with any object satisfying :class:`SessionBackend`. Beyond
+its six methods, the package calls only what an extension protocol declares, and only after
+:func:`check_extension` has found the backend's methods callable the way the package calls
+them.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "MAX_NAME_LENGTH",
     "BackendError",
+    "BatchValues",
+    "BulkRemoval",
     "SessionBackend",
     "SessionError",
+    "SessionListing",
     "SessionsSQLError",
+    "accepts_keyword",
     "check_batch_size",
     "check_cutoff",
+    "check_extension",
     "check_key",
     "check_session_id",
     "check_value",
+    "created_before_cutoff",
 ]
 
 #: Longest session id or key accepted, in characters.
@@ -80,6 +92,131 @@ class SessionBackend(Protocol):
     async def remove_value(self, session_id: str, key: str) -> None:
         """Remove one value; the session stays even if it has no values left."""
         ...
+
+
+# Optional extensions: each a small protocol a backend may implement besides the six methods.
+
+
+@runtime_checkable
+class BulkRemoval(Protocol):
+    """Removal of old sessions in one call; :class:`~sessions_sql.SessionCollector` uses it
+    when a backend offers it, instead of listing and removing sessions one by one.
+
+    The package's own backends also accept the keywords ``batch_size`` (sessions per
+    transaction) and ``progress`` (called with the running total); the collector passes
+    ``batch_size`` only to a method that declares it.
+    """
+
+    async def remove_sessions_created_before(self, cutoff: datetime | float) -> int:
+        """Remove every session created (in whole Unix seconds) before ``cutoff``, a
+        timezone-aware datetime or Unix seconds; return how many were removed."""
+        ...
+
+
+@runtime_checkable
+class BatchValues(Protocol):
+    """Reading, writing and removing several values of one session in one call."""
+
+    async def read_values(self, session_id: str) -> dict[str, bytes]:
+        """Return every value of the session (empty if it does not exist)."""
+        ...
+
+    async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None:
+        """Insert or replace the values atomically, creating the session if needed; an
+        empty mapping writes nothing and creates no session."""
+        ...
+
+    async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
+        """Remove the keys atomically; missing keys are ignored and the session stays."""
+        ...
+
+
+@runtime_checkable
+class SessionListing(Protocol):
+    """Listing every session id in pages, in flat memory however many there are."""
+
+    def iter_sessions(self, batch_size: int = 1000) -> AsyncIterator[str]:
+        """Yield every session id, ``batch_size`` per query."""
+        ...
+
+
+def _declared(protocol: type) -> dict[str, Callable[..., Any]]:
+    """The methods a protocol class declares (its own and inherited ones), by name."""
+    return {
+        name: member
+        for klass in reversed(protocol.__mro__)
+        if klass not in (object, Protocol) and getattr(klass, "_is_protocol", False)
+        for name, member in vars(klass).items()
+        if not name.startswith("_") and inspect.isfunction(member)
+    }
+
+
+def _signature(method: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(method)
+    except (TypeError, ValueError):  # some builtins and C callables have none
+        return None
+
+
+def _required_arguments(declared: Callable[..., Any]) -> list[str]:
+    parameters = list(inspect.signature(declared).parameters.values())[1:]  # without self
+    return [p.name for p in parameters if p.default is inspect.Parameter.empty]
+
+
+def check_extension(backend: object, protocol: type) -> bool:
+    """Whether ``backend`` implements the extension ``protocol``, checked by shape.
+
+    ``False`` if it has none of the protocol's methods. ``True`` if each is there and can be
+    called as the package calls it: the protocol's required arguments by position, and a
+    coroutine function where the protocol declares one (``iter_sessions`` returns an async
+    iterator: an async generator function). A backend that
+    has some of the methods but not all, or one of another shape, raises ``TypeError``
+    naming the protocol: the package never calls a method it would crash.
+    """
+    methods = _declared(protocol)
+    present = {name for name in methods if callable(getattr(backend, name, None))}
+    if not present:
+        return False
+    where = f"{type(backend).__name__} does not implement sessions_sql.{protocol.__name__}"
+    if present != set(methods):
+        missing = ", ".join(sorted(set(methods) - present))
+        raise TypeError(f"{where}: it lacks {missing}")
+    for name, declared in methods.items():
+        method = getattr(backend, name)
+        if inspect.iscoroutinefunction(declared) != inspect.iscoroutinefunction(method):
+            kind = (
+                "a coroutine function (async def)"
+                if inspect.iscoroutinefunction(declared)
+                else "a function returning an async iterator (an async generator), not async def"
+            )
+            raise TypeError(f"{where}: {name} must be {kind}")
+        signature = _signature(method)
+        arguments = _required_arguments(declared)
+        if signature is not None:
+            try:
+                signature.bind(*arguments)
+            except TypeError:
+                raise TypeError(
+                    f"{where}: {name} must accept ({', '.join(arguments)}) by position, "
+                    f"but its signature is {name}{signature}"
+                ) from None
+    return True
+
+
+def accepts_keyword(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method`` declares a keyword argument ``name`` (or takes ``**kwargs``)."""
+    signature = _signature(method)
+    if signature is None:
+        return False
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return True
+        if parameter.name == name and parameter.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            return True
+    return False
 
 
 def _check_name(what: str, name: object) -> str:
@@ -153,3 +290,15 @@ def check_cutoff(cutoff: object) -> datetime:
         return datetime.fromtimestamp(math.ceil(seconds), timezone.utc)
     except (OverflowError, OSError, ValueError):
         raise ValueError("cutoff is out of the range of representable times") from None
+
+
+# Creation times are whole seconds: a cutoff past any creation time, for an age of zero.
+_END_OF_TIME = datetime(9999, 1, 1, tzinfo=timezone.utc)
+
+
+def created_before_cutoff(now: int, age: int) -> datetime | int:
+    """The cutoff selecting the sessions at least ``age`` seconds old at ``now`` (whole Unix
+    seconds): ``now - created >= age``. An age of zero selects every session, creation times
+    in the future included."""
+    # created <= now - age  <=>  created < now - age + 1 (whole seconds).
+    return _END_OF_TIME if age == 0 else now - age + 1

@@ -15,10 +15,20 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any, TypeVar
 
-from ._protocol import SessionBackend, SessionError, check_batch_size, check_key, check_session_id
+from ._protocol import (
+    BulkRemoval,
+    SessionBackend,
+    SessionError,
+    accepts_keyword,
+    check_batch_size,
+    check_extension,
+    check_key,
+    check_session_id,
+    created_before_cutoff,
+)
 
 __all__ = ["Clock", "Session", "SessionCollector", "SessionManager"]
 
@@ -29,8 +39,6 @@ Clock = Callable[[], float]
 
 _T = TypeVar("_T")
 _MISSING = object()
-# Creation times are whole seconds: a cutoff past any creation time, for a zero lifetime.
-_END_OF_TIME = datetime(9999, 1, 1, tzinfo=timezone.utc)
 _FORMAT_ERROR = (
     'the stored value is not in the session format (JSON {"expires_at": ..., "value": ...})'
 )
@@ -184,8 +192,10 @@ class SessionCollector:
     """Removes the sessions created at least ``lifetime`` ago, once (``collect``) or every
     ``period`` (``run`` until ``stop``).
 
-    Backends that offer ``remove_sessions_created_before`` (SQLAlchemyBackend, MemoryBackend)
-    are cleaned in bounded batches; any other SessionBackend through its six methods.
+    A backend implementing :class:`~sessions_sql.BulkRemoval` (SQLAlchemyBackend and
+    MemoryBackend, in bounded batches) is cleaned through it; any other SessionBackend through
+    its six methods. A backend whose ``remove_sessions_created_before`` has another shape is
+    refused here with ``TypeError``.
     """
 
     def __init__(
@@ -208,6 +218,11 @@ class SessionCollector:
         self._backend = backend
         self._clock = clock
         self._batch_size = check_batch_size(batch_size)
+        self._bulk: dict[str, int] | None = None  # keyword arguments of the bulk removal
+        if check_extension(backend, BulkRemoval):
+            remove = backend.remove_sessions_created_before  # type: ignore[attr-defined]
+            declared = accepts_keyword(remove, "batch_size")
+            self._bulk = {"batch_size": self._batch_size} if declared else {}
         self._stopped = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -223,13 +238,18 @@ class SessionCollector:
         time in the future counts as age zero.
         """
         now = math.floor(self._clock())
-        remove_before = getattr(self._backend, "remove_sessions_created_before", None)
-        if callable(remove_before):
-            # created <= now - lifetime  <=>  created < now - lifetime + 1 (whole seconds).
-            cutoff = _END_OF_TIME if self._lifetime == 0 else now - self._lifetime + 1
-            removed: int = await _call(
-                "removing old sessions", remove_before(cutoff, batch_size=self._batch_size)
+        if self._bulk is not None:
+            backend: BulkRemoval = self._backend  # type: ignore[assignment]
+            cutoff = created_before_cutoff(now, self._lifetime)
+            removed = await _call(
+                "removing old sessions",
+                backend.remove_sessions_created_before(cutoff, **self._bulk),
             )
+            if not isinstance(removed, int) or isinstance(removed, bool):
+                raise TypeError(
+                    "remove_sessions_created_before must return the number of sessions "
+                    f"removed (sessions_sql.BulkRemoval), not {type(removed).__name__}"
+                )
         else:
             removed = await self._collect_one_by_one(now)
         logger.debug("session collector removed %d sessions", removed)

@@ -32,7 +32,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ._backend import DEFAULT_BATCH_SIZE, SQLAlchemyBackend, unix_seconds
 from ._dialects import dialect_for
 from ._migrate import alembic_config
-from ._protocol import SessionsSQLError, check_cutoff, check_key, check_session_id
+from ._protocol import (
+    SessionsSQLError,
+    check_cutoff,
+    check_key,
+    check_session_id,
+    created_before_cutoff,
+)
 from .models import sessions_table, values_table
 
 __all__ = ["main", "parse_age"]
@@ -72,11 +78,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_age(text: str) -> int:
-    """Return the seconds of an age such as ``30s``, ``15m``, ``12h`` or ``7d``."""
+    """Return the seconds of an age such as ``30s``, ``15m``, ``12h`` or ``7d`` (``0s``: every
+    session is at least that old)."""
     match = _AGE.fullmatch(text)
-    if match is None or int(match[1]) == 0:
+    if match is None:
         raise argparse.ArgumentTypeError(
-            f"invalid age {text!r}: use a positive whole number with s, m, h or d (e.g. 7d)"
+            f"invalid age {text!r}: use a whole number with s, m, h or d (e.g. 7d, or 0s for all)"
         )
     return int(match[1]) * _UNIT_SECONDS[match[2]]
 
@@ -198,19 +205,20 @@ def _reader(backend: SQLAlchemyBackend) -> AsyncEngine:
     return backend.engine.execution_options(schema_translate_map={None: backend.schema})
 
 
-async def _cutoff(backend: SQLAlchemyBackend, age: int) -> int:
-    """Unix seconds such that sessions created strictly before are at least ``age`` old.
+async def _cutoff(backend: SQLAlchemyBackend, age: int) -> datetime | int:
+    """The cutoff selecting the sessions at least ``age`` seconds old, as the collector
+    computes it (an age of zero selects every session).
 
     "Now" is the database clock, the one that stamped the creation times.
     """
     async with _reader(backend).connect() as conn:
         now: datetime = (await conn.execute(select(func.current_timestamp()))).scalar_one()
-    return unix_seconds(now) - age + 1
+    return created_before_cutoff(unix_seconds(now), age)
 
 
-def _created_before(query: _Query, backend: SQLAlchemyBackend, cutoff: int) -> _Query:
-    """``query`` limited to sessions created before ``cutoff`` (Unix seconds), compared as the
-    backend's own SQL compares it."""
+def _created_before(query: _Query, backend: SQLAlchemyBackend, cutoff: datetime | int) -> _Query:
+    """``query`` limited to sessions created before ``cutoff``, compared as the backend's own
+    SQL compares it."""
     sql = dialect_for(backend.engine.dialect.name)
     limited: _Query = query.where(sql.created_before)
     return limited.params(cutoff=sql.cutoff_param(check_cutoff(cutoff)))
@@ -398,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Migrate, inspect and clean up a sessions_sql database.",
-        epilog="Ages are a positive whole number with a unit: 30s, 15m, 12h, 7d.",
+        epilog="Ages are a whole number with a unit: 30s, 15m, 12h, 7d (0s: every session).",
     )
     parser.add_argument("--url", help=url_help)
     parser.add_argument("--schema", type=_schema_name, help=schema_help)

@@ -12,6 +12,12 @@ Subclass :class:`BackendContract` in a test module and provide an async fixture 
         async def backend(self):
             yield MemoryBackend()
 
+A backend that implements an optional extension proves it by adding that extension's class
+to the bases, beside :class:`BackendContract`::
+
+    class TestMyBackend(BackendContract, BulkRemovalContract, BatchValuesContract):
+        ...
+
 Requires pytest and pytest-asyncio. The tests allow the backend's clock to differ from the
 test process's clock by up to :attr:`BackendContract.clock_tolerance` seconds.
 """
@@ -21,13 +27,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 import pytest
 
-from ._protocol import SessionBackend
+from ._protocol import BatchValues, BulkRemoval, SessionBackend, SessionListing, check_extension
 
-__all__ = ["BAD_INPUTS", "BackendContract"]
+__all__ = [
+    "BAD_INPUTS",
+    "BackendContract",
+    "BatchValuesContract",
+    "BulkRemovalContract",
+    "SessionListingContract",
+]
 
 _SID = "contract-session"
 
@@ -237,3 +250,130 @@ class BackendContract:
         await backend.write_value(_SID, "final", b"1")
         assert await backend.read_value(_SID, "final") == b"1"
         assert _SID in await backend.get_sessions()
+
+
+async def _next_second(backend: SessionBackend, session_id: str) -> int:
+    """Wait until a session created now would get a later creation time than ``session_id``
+    (creation times count in whole seconds); return that session's creation time."""
+    created = await backend.get_session_age(session_id)
+    assert created is not None
+    await asyncio.sleep(max(0.0, created + 1 - time.time()) + 0.05)
+    return created
+
+
+@pytest.mark.asyncio
+class BulkRemovalContract:
+    """Opt-in semantics of :class:`~sessions_sql.BulkRemoval`, for a backend implementing it.
+
+    Needs the same ``backend`` fixture as :class:`BackendContract`.
+    """
+
+    async def test_implements_bulk_removal(self, backend: Any) -> None:
+        assert isinstance(backend, BulkRemoval)
+        assert check_extension(backend, BulkRemoval)
+
+    async def test_removes_exactly_the_sessions_created_before(self, backend: Any) -> None:
+        await backend.write_value("old", "k", b"1")
+        old = await _next_second(backend, "old")
+        await backend.write_value("new", "k", b"2")
+        await backend.remove_value("new", "k")  # an empty session is still a session
+        new = await backend.get_session_age("new")
+        assert new is not None and new > old
+        assert await backend.remove_sessions_created_before(old) == 0  # strictly before
+        assert sorted(await backend.get_sessions()) == ["new", "old"]
+        assert await backend.remove_sessions_created_before(new) == 1
+        assert await backend.get_sessions() == ["new"]
+        assert await backend.read_value("old", "k") is None
+        await backend.write_value("old", "k", b"3")  # a new session, without the old values
+        assert await backend.read_value("old", "k") == b"3"
+        cutoff = datetime.fromtimestamp(new + 1, timezone.utc)  # an aware datetime works too
+        assert await backend.remove_sessions_created_before(cutoff) >= 1
+        assert "new" not in await backend.get_sessions()
+
+    async def test_nothing_to_remove(self, backend: Any) -> None:
+        assert await backend.remove_sessions_created_before(time.time() + 3600) == 0
+        await backend.write_value(_SID, "k", b"v")
+        assert await backend.remove_sessions_created_before(0) == 0
+        assert await backend.read_value(_SID, "k") == b"v"
+
+
+@pytest.mark.asyncio
+class BatchValuesContract:
+    """Opt-in semantics of :class:`~sessions_sql.BatchValues`, for a backend implementing it.
+
+    Needs the same ``backend`` fixture as :class:`BackendContract`.
+    """
+
+    async def test_implements_batch_values(self, backend: Any) -> None:
+        assert isinstance(backend, BatchValues)
+        assert check_extension(backend, BatchValues)
+
+    async def test_write_read_and_remove_values(self, backend: Any) -> None:
+        assert await backend.read_values(_SID) == {}
+        await backend.write_values(_SID, {"a": b"1", "b": bytearray(b"2"), "c": b""})
+        assert await backend.read_values(_SID) == {"a": b"1", "b": b"2", "c": b""}
+        assert await backend.read_value(_SID, "b") == b"2"
+        await backend.write_values(_SID, {"a": b"one", "d": b"4"})
+        assert await backend.read_values(_SID) == {"a": b"one", "b": b"2", "c": b"", "d": b"4"}
+        await backend.remove_values(_SID, ["a", "missing", "c"])
+        assert await backend.read_values(_SID) == {"b": b"2", "d": b"4"}
+        await backend.remove_values(_SID, iter(["b", "d"]))
+        assert await backend.read_values(_SID) == {}
+        assert await backend.get_sessions() == [_SID]  # removing values keeps the session
+
+    async def test_empty_batches_create_nothing(self, backend: Any) -> None:
+        await backend.write_values(_SID, {})
+        await backend.remove_values(_SID, [])
+        await backend.remove_values(_SID, ["k"])
+        assert await backend.get_sessions() == []
+
+    async def test_write_values_creates_the_session_once(self, backend: Any) -> None:
+        await backend.write_values(_SID, {"a": b"1"})
+        created = await _next_second(backend, _SID)
+        await backend.write_values(_SID, {"b": b"2"})
+        assert await backend.get_session_age(_SID) == created
+
+    async def test_concurrent_batches_of_other_keys_all_survive(self, backend: Any) -> None:
+        await asyncio.gather(
+            *(backend.write_values(_SID, {f"k{n}": b"%d" % n, f"j{n}": b"j"}) for n in range(32))
+        )
+        stored = await backend.read_values(_SID)
+        assert stored == {
+            **{f"k{n}": b"%d" % n for n in range(32)},
+            **{f"j{n}": b"j" for n in range(32)},
+        }
+
+    async def test_bad_batches_are_refused(self, backend: Any) -> None:
+        await backend.write_value(_SID, "k", b"kept")
+        for bad, error, name in [
+            (["not", "a", "mapping"], TypeError, "values"),
+            ({"k": "text"}, TypeError, "values"),
+            ({"": b"v"}, ValueError, "key"),
+        ]:
+            with pytest.raises(error, match=name):
+                await backend.write_values(_SID, bad)
+        for bad_keys, error, name in [("k", TypeError, "keys"), ([""], ValueError, "key")]:
+            with pytest.raises(error, match=name):
+                await backend.remove_values(_SID, bad_keys)
+        assert await backend.read_values(_SID) == {"k": b"kept"}
+
+
+@pytest.mark.asyncio
+class SessionListingContract:
+    """Opt-in semantics of :class:`~sessions_sql.SessionListing`, for a backend implementing
+    it. Needs the same ``backend`` fixture as :class:`BackendContract`."""
+
+    async def test_implements_session_listing(self, backend: Any) -> None:
+        assert isinstance(backend, SessionListing)
+        assert check_extension(backend, SessionListing)
+
+    async def test_iter_sessions_yields_each_session_once(self, backend: Any) -> None:
+        assert [sid async for sid in backend.iter_sessions()] == []
+        ids = [f"s{n:02}" for n in range(10)]
+        for sid in ids:
+            await backend.write_value(sid, "k", b"v")
+        for batch_size in (1, 3, 10, 1000):
+            listed = [sid async for sid in backend.iter_sessions(batch_size)]
+            assert sorted(listed) == ids
+        with pytest.raises(ValueError, match="batch_size"):
+            [sid async for sid in backend.iter_sessions(0)]

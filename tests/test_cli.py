@@ -342,6 +342,26 @@ def test_gc_dry_run_then_real(cli: Any, db_url: str) -> None:
     assert value_owners(db_url) == {"young", "fresh"}
 
 
+def test_gc_older_than_zero_removes_every_session(cli: Any, db_url: str) -> None:
+    """``--older-than 0s`` agrees with ``SessionCollector(lifetime=0)``: every session goes,
+    the one created this second and one stamped in the future (a clock step) included."""
+    write(db_url, {sid: {"a": b"1"} for sid in ("old", "now", "future")})
+    set_created(db_url, "old", datetime.now(timezone.utc) - timedelta(days=3))
+    set_created(db_url, "future", datetime.now(timezone.utc) + timedelta(hours=1))
+
+    result = cli("gc", "--older-than", "0s", "--dry-run", url=db_url)
+    assert result == Result(0, b"would remove 3 sessions\n", "")
+    assert session_ids(db_url) == {"old", "now", "future"}
+    result = cli("list", "--older-than", "0s", url=db_url)
+    assert {line.split("\t")[0] for line in result.lines} == {"old", "now", "future"}
+
+    result = cli("gc", "--older-than", "0s", url=db_url)
+    assert result.code == 0
+    assert result.out == b"removed 3 sessions\n"
+    assert session_ids(db_url) == set()
+    assert value_owners(db_url) == set()
+
+
 # stats.
 
 
@@ -438,7 +458,7 @@ def test_bad_url(cli: Any, url: str) -> None:
     ("argv", "expected"),
     [
         (["gc", "--older-than", "7x"], "invalid age '7x'"),
-        (["list", "--older-than", "0d"], "invalid age '0d'"),
+        (["list", "--older-than", "1.5h"], "invalid age '1.5h'"),
         (["gc"], "--older-than"),
         (["list", "--limit", "0"], "--limit"),
         (["migrate", "downgrade"], "revision"),
@@ -469,13 +489,16 @@ def test_help(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text_", "seconds"), [("30s", 30), ("15m", 900), ("12h", 43200), ("7d", 604800)]
+    ("text_", "seconds"),
+    [("30s", 30), ("15m", 900), ("12h", 43200), ("7d", 604800), ("0s", 0), ("0d", 0)],
 )
 def test_parse_age(text_: str, seconds: int) -> None:
     assert parse_age(text_) == seconds
 
 
-@pytest.mark.parametrize("text_", ["7x", "7", "d", "0d", "-1d", "1.5h", " 7d", "7D", "", "\u0667d"])
+@pytest.mark.parametrize(
+    "text_", ["7x", "7", "d", "-0s", "-1d", "1.5h", " 7d", "7D", "", "\u0667d"]
+)
 def test_parse_age_rejects(text_: str) -> None:
     with pytest.raises(Exception, match="invalid age"):
         parse_age(text_)

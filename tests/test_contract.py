@@ -7,16 +7,23 @@ from collections.abc import AsyncIterator
 import pytest
 
 from sessions_sql import MemoryBackend, SQLAlchemyBackend
-from sessions_sql.testing import BackendContract
+from sessions_sql.testing import (
+    BackendContract,
+    BatchValuesContract,
+    BulkRemovalContract,
+    SessionListingContract,
+)
+
+EXTENSIONS = (BulkRemovalContract, BatchValuesContract, SessionListingContract)
 
 
-class TestMemoryBackend(BackendContract):
+class TestMemoryBackend(BackendContract, *EXTENSIONS):
     @pytest.fixture
     async def backend(self) -> AsyncIterator[MemoryBackend]:
         yield MemoryBackend()
 
 
-class TestSQLAlchemyBackend(BackendContract):
+class TestSQLAlchemyBackend(BackendContract, *EXTENSIONS):
     """Runs on SQLite and PostgreSQL through the ``backend`` fixture of conftest.py."""
 
     async def test_backend_under_test_is_sqlalchemy(self, backend: SQLAlchemyBackend) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from sessions_sql import (
     BackendError,
+    BulkRemoval,
     MemoryBackend,
     SessionBackend,
     SessionCollector,
@@ -260,6 +261,77 @@ async def test_collector_removes_exactly_the_old_sessions(
     assert await collector.collect() == 2
     assert await any_backend.get_sessions() == []
     assert await any_backend.read_value("a", "k") is None
+
+
+class OwnBulkRemoval(ProtocolOnly):
+    """A user's backend offering the bulk removal in its minimal shape: (cutoff) -> int."""
+
+    def __init__(self, inner: MemoryBackend) -> None:
+        super().__init__(inner)
+        self.cutoffs: list[Any] = []
+
+    async def remove_sessions_created_before(self, cutoff: Any) -> int:
+        self.cutoffs.append(cutoff)
+        return await self.inner.remove_sessions_created_before(cutoff)  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_collector_uses_a_minimal_bulk_removal() -> None:
+    clock = FakeClock(1000)
+    memory = MemoryBackend(clock=clock)
+    await memory.write_value("old", "k", b"v")
+    clock.now = 2000
+    await memory.write_value("new", "k", b"v")
+    backend = OwnBulkRemoval(memory)
+    assert isinstance(backend, BulkRemoval)
+    collector = SessionCollector(backend, timedelta(1), timedelta(seconds=500), clock=clock)
+    assert await collector.collect() == 1
+    assert backend.cutoffs == [1501]  # called with the cutoff only: no batch_size keyword
+    assert await memory.get_sessions() == ["new"]
+
+
+class WrongArguments(ProtocolOnly):
+    async def remove_sessions_created_before(self, cutoff: Any, now: Any) -> int:
+        raise AssertionError("never called")
+
+
+class NotACoroutine(ProtocolOnly):
+    def remove_sessions_created_before(self, cutoff: Any) -> int:
+        raise AssertionError("never called")
+
+
+class NotCallable(ProtocolOnly):
+    remove_sessions_created_before = 5
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [(WrongArguments, "must accept \\(cutoff\\)"), (NotACoroutine, "must be a coroutine function")],
+)
+def test_collector_refuses_a_bulk_removal_of_another_shape(shape: type, reason: str) -> None:
+    memory = MemoryBackend()
+    with pytest.raises(TypeError, match=f"BulkRemoval: remove_sessions_created_before {reason}"):
+        SessionCollector(shape(memory), timedelta(1), timedelta(seconds=1))
+
+
+async def test_a_non_callable_attribute_is_not_a_bulk_removal() -> None:
+    clock = FakeClock(0)
+    memory = MemoryBackend(clock=clock)
+    await memory.write_value("old", "k", b"v")
+    clock.now = 100
+    collector = SessionCollector(
+        NotCallable(memory), timedelta(1), timedelta(seconds=1), clock=clock
+    )
+    assert await collector.collect() == 1  # through the six protocol methods
+
+
+async def test_collector_refuses_a_bulk_removal_returning_no_count() -> None:
+    class NoCount(ProtocolOnly):
+        async def remove_sessions_created_before(self, cutoff: Any) -> None:
+            return None
+
+    collector = SessionCollector(NoCount(MemoryBackend()), timedelta(1), timedelta(seconds=1))
+    with pytest.raises(TypeError, match="BulkRemoval"):
+        await collector.collect()
 
 
 @pytest.mark.parametrize("protocol_only", [False, True])
