@@ -9,18 +9,22 @@ from ._backend import SQLAlchemyBackend
 from ._memory import MemoryBackend
 from ._migrate import include_name, migrate
 from ._protocol import (
+    KEEP,
     BackendError,
     BatchValues,
     BulkRemoval,
     SessionBackend,
     SessionError,
+    SessionExpiry,
     SessionListing,
+    SessionSnapshot,
     SessionsSQLError,
     check_extension,
 )
 from ._session import Session, SessionCollector, SessionManager
 
 __all__ = [
+    "KEEP",
     "BackendError",
     "BatchValues",
     "BulkRemoval",
@@ -30,8 +34,10 @@ __all__ = [
     "SessionBackend",
     "SessionCollector",
     "SessionError",
+    "SessionExpiry",
     "SessionListing",
     "SessionManager",
+    "SessionSnapshot",
     "SessionsSQLError",
     "check_extension",
     "include_name",

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
@@ -29,15 +29,23 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, c
 from sqlalchemy.pool import AsyncAdaptedQueuePool, PoolProxiedConnection
 from sqlalchemy.util import await_only, greenlet_spawn
 
-from ._dialects import Params, Script, dialect_for
+from ._dialects import Many, Params, Script, dialect_for
 from ._drivers import Outcome, Statement, compile_script, driver_for, run_script
 from ._protocol import (
+    KEEP,
     BackendError,
+    Expiry,
+    Keep,
+    SessionSnapshot,
     check_batch_size,
     check_cutoff,
+    check_expires_at,
     check_key,
+    check_keys,
+    check_now,
     check_session_id,
     check_value,
+    check_values,
 )
 from .models import Base
 
@@ -200,6 +208,14 @@ def _scalars(rows: Any) -> list[Any]:
 
 def _pairs(rows: Any) -> dict[Any, Any]:
     return {row[0]: row[1] for row in rows}
+
+
+def _rows(rows: Any) -> Any:
+    return rows
+
+
+def _time(moment: datetime | str | None) -> int | None:
+    return None if moment is None else unix_seconds(moment)
 
 
 def _rowcount(count: Any) -> int:
@@ -401,12 +417,25 @@ class SQLAlchemyBackend:
         value: bytes | None = await self._run("read_value", self._sql.read_value, params, _scalar)
         return value
 
-    async def write_value(self, session_id: str, key: str, value: bytes) -> None:
-        """Insert or replace one value, creating the session if it does not exist."""
+    async def write_value(
+        self,
+        session_id: str,
+        key: str,
+        value: bytes,
+        *,
+        expires_at: Expiry | Literal[Keep.KEEP] = KEEP,
+    ) -> None:
+        """Insert or replace one value, creating the session if it does not exist.
+
+        ``expires_at`` (int Unix seconds or an aware datetime; ``None`` clears it) sets the
+        session's expiry in the same statement; left out, the expiry stays as it is.
+        """
         params = {
             "sid": check_session_id(session_id),
             "key": check_key(key),
             "value": check_value(value, self._max_value_bytes),
+            "create": True,
+            **self._expiry_params(expires_at),
         }
         await self._run("write_value", self._sql.write_value, params, _nothing)
 
@@ -422,31 +451,131 @@ class SQLAlchemyBackend:
         params = {"sid": check_session_id(session_id)}
         return await self._run("read_values", self._sql.read_values, params, _pairs)
 
-    async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None:
+    async def write_values(
+        self,
+        session_id: str,
+        values: Mapping[str, bytes],
+        *,
+        expires_at: Expiry | Literal[Keep.KEEP] = KEEP,
+    ) -> None:
         """Insert or replace several values at once, atomically, creating the session if
-        needed. An empty mapping writes nothing and creates no session."""
+        needed. An empty mapping writes nothing and creates no session. ``expires_at`` as
+        for :meth:`write_value`."""
         sid = check_session_id(session_id)
-        if not isinstance(values, Mapping):
-            raise TypeError(f"values must be a mapping, not {type(values).__name__}")
-        checked = {
-            check_key(key): check_value(value, self._max_value_bytes, what=f"values[{i}]")
-            for i, (key, value) in enumerate(values.items())
-        }
-        if not checked:
-            return
-        params = self._sql.write_values_params(sid, checked)
-        await self._run("write_values", self._sql.write_values, params, _nothing)
+        checked = check_values(values, self._max_value_bytes)
+        await self._update("write_values", sid, checked, [], self._expiry_params(expires_at))
 
     async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
         """Remove several values at once, atomically; missing keys are ignored."""
         sid = check_session_id(session_id)
-        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
-            raise TypeError(f"keys must be an iterable of str, not {type(keys).__name__}")
-        checked = list(dict.fromkeys(check_key(key) for key in keys))
+        checked = check_keys(keys)
         if not checked:
             return
         params = self._sql.remove_values_params(sid, checked)
         await self._run("remove_values", self._sql.remove_values, params, _nothing)
+
+    # Session expiry.
+
+    async def update_session(
+        self,
+        session_id: str,
+        values: Mapping[str, bytes] | None = None,
+        *,
+        remove: Iterable[str] = (),
+        expires_at: Expiry | Literal[Keep.KEEP] = KEEP,
+    ) -> None:
+        """Write ``values``, remove the keys ``remove`` and set the expiry, atomically: what
+        a web request changed, saved in one statement on PostgreSQL.
+
+        Writing values creates the session if needed; removing keys or setting the expiry
+        alone never creates one. ``expires_at`` left out keeps the expiry, ``None`` clears
+        it. A key may not be both written and removed.
+        """
+        sid = check_session_id(session_id)
+        checked = check_values({} if values is None else values, self._max_value_bytes)
+        removed = check_keys(remove, what="remove")
+        if not checked.keys().isdisjoint(removed):
+            raise ValueError("a key cannot be both written and removed in one update_session")
+        await self._update("update_session", sid, checked, removed, self._expiry_params(expires_at))
+
+    async def _update(
+        self,
+        operation: str,
+        sid: str,
+        values: dict[str, bytes],
+        remove: list[str],
+        expiry: dict[str, Any],
+    ) -> None:
+        if not values and not remove and not expiry["set_expiry"]:
+            return  # nothing to do: no statement, and no session created
+        params = self._sql.update_params(
+            sid, values, remove, expiry["set_expiry"], expiry["expires_at"]
+        )
+        await self._run(operation, self._sql.update_session, params, _nothing)
+
+    async def set_session_expiry(self, session_id: str, expires_at: Expiry) -> None:
+        """Set the session's expiry (int Unix seconds or an aware datetime), or clear it with
+        ``None``. A missing session stays missing: this never creates one."""
+        params = {
+            "sid": check_session_id(session_id),
+            "expires_at": self._time_param(check_expires_at(expires_at)),
+        }
+        await self._run("set_session_expiry", self._sql.set_session_expiry, params, _nothing)
+
+    async def get_session_expiry(self, session_id: str) -> int | None:
+        """Return the session's expiry in whole Unix seconds, or ``None`` if it has none or
+        does not exist."""
+        params = {"sid": check_session_id(session_id)}
+        expires_at = await self._run(
+            "get_session_expiry", self._sql.get_session_expiry, params, _scalar
+        )
+        return _time(expires_at)
+
+    async def read_session(self, session_id: str) -> SessionSnapshot | None:
+        """Return the whole session (creation time, expiry, every value) as one statement
+        read it, or ``None`` if it does not exist. One round trip on PostgreSQL."""
+        params = {"sid": check_session_id(session_id)}
+        rows = await self._run("read_session", self._sql.read_session, params, _rows)
+        if not rows:
+            return None
+        created_at, expires_at = rows[0][0], rows[0][1]
+        values = {row[2]: bytes(row[3]) for row in rows if row[2] is not None}
+        return SessionSnapshot(unix_seconds(created_at), _time(expires_at), values)
+
+    async def remove_expired_sessions(
+        self,
+        now: datetime | float | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: Callable[[int], object] | None = None,
+    ) -> int:
+        """Remove every session whose expiry is before ``now`` and return how many.
+
+        ``now`` is Unix seconds or an aware datetime (default: the current time), compared
+        in whole seconds: a session is expired when ``expires_at < now``. Removes through the
+        expiry index, ``batch_size`` sessions per statement and transaction; on PostgreSQL
+        sessions locked by a running write are skipped (left for the next pass), and a
+        session whose expiry a write extended before the batch locked it is kept.
+        ``progress`` is called after each batch with the number removed so far.
+        """
+        params = {
+            "now": self._time_param(check_now(now)),
+            "limit": check_batch_size(batch_size),
+        }
+        return await self._remove_batches(
+            "remove_expired_sessions", self._sql.remove_expired, params, progress
+        )
+
+    def _time_param(self, moment: datetime | None) -> Any:
+        return None if moment is None else self._sql.time_param(moment)
+
+    def _expiry_params(self, expires_at: object) -> dict[str, Any]:
+        """The ``set_expiry`` and ``expires_at`` parameters of a write."""
+        if expires_at is KEEP:
+            return {"set_expiry": False, "expires_at": None}
+        return {"set_expiry": True, "expires_at": self._time_param(check_expires_at(expires_at))}
+
+    # Listing and bulk removal.
 
     async def iter_sessions(self, batch_size: int = 1000) -> AsyncIterator[str]:
         """Yield every session id, fetching ``batch_size`` ids per query (keyset pagination),
@@ -478,18 +607,28 @@ class SQLAlchemyBackend:
         after each batch with the number removed so far.
         """
         params = {
-            "cutoff": self._sql.cutoff_param(check_cutoff(cutoff)),
+            "cutoff": self._sql.time_param(check_cutoff(cutoff)),
             "limit": check_batch_size(batch_size),
         }
+        return await self._remove_batches(
+            "remove_sessions_created_before", self._sql.remove_created_before, params, progress
+        )
+
+    async def _remove_batches(
+        self,
+        operation: str,
+        script: Script,
+        params: Params,
+        progress: Callable[[int], object] | None,
+    ) -> int:
+        """Run a batch removal until a batch comes back short; return the total removed."""
         removed = 0
         while True:
-            count = await self._run(
-                "remove_sessions_created_before", self._sql.remove_created_before, params, _rowcount
-            )
+            count = await self._run(operation, script, params, _rowcount)
             removed += count
             if progress is not None:
                 progress(removed)
-            if count < batch_size:
+            if count < params["limit"]:
                 return removed
 
     # Execution.
@@ -604,9 +743,17 @@ def _execute(
     conn: Connection | None, script: Script, params: Params, options: dict[str, Any]
 ) -> Outcome:
     assert conn is not None
+    outcome: Outcome = 0
     for statement in script:
+        if isinstance(statement, Many):
+            rows = params[statement.rows]
+            if rows:
+                conn.execute(statement.statement, rows, execution_options=options)
+            outcome = 0
+            continue
         result = conn.execute(statement, params, execution_options=options)
-    return result.all() if result.returns_rows else result.rowcount
+        outcome = result.all() if result.returns_rows else result.rowcount
+    return outcome
 
 
 def _invalidate(connection: PoolProxiedConnection, error: BaseException) -> None:

@@ -2,20 +2,24 @@
 
 Every statement is built once, at import, as a Core construct (so SQLAlchemy caches its
 compiled form and ``schema_translate_map`` applies). An operation is a *script*: a tuple of
-statements. A one-statement script runs on its own, in autocommit (one round trip); a longer
-one runs inside an explicit write transaction opened with :attr:`Dialect.begin`.
+statements, each run once with the call's parameters, or (:class:`Many`) once per row of a
+list among them. A script of one plain statement runs on its own, in autocommit (one round
+trip); any other runs inside an explicit write transaction opened with :attr:`Dialect.begin`.
+Times are bound as :attr:`Dialect.time_param` converts them (whole seconds, UTC).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Integer,
     LargeBinary,
@@ -23,10 +27,10 @@ from sqlalchemy import (
     any_,
     bindparam,
     delete,
-    false,
     func,
     literal_column,
     select,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -36,18 +40,41 @@ from sqlalchemy.util import await_only
 from .models import sessions_table as S
 from .models import values_table as V
 
-__all__ = ["Dialect", "Params", "Script", "dialect_for", "lock_migrations"]
+__all__ = ["Dialect", "Many", "Params", "Script", "dialect_for", "migration_lock"]
 
 _T = TypeVar("_T")
 
-Script = tuple[Executable, ...]
-Params = dict[str, Any] | list[dict[str, Any]]
+
+@dataclass(frozen=True)
+class Many:
+    """A statement run once per row of the list ``params[rows]`` (none if it is empty)."""
+
+    statement: Executable
+    rows: str
+
+    @property
+    def is_dml(self) -> bool:
+        """Whether the statement writes (as ``Executable.is_dml``)."""
+        return bool(getattr(self.statement, "is_dml", False))
+
+
+Script = tuple[Executable | Many, ...]
+Params = dict[str, Any]
+
+# Times: timestamptz on PostgreSQL; on SQLite the text CURRENT_TIMESTAMP writes (UTC,
+# "YYYY-MM-DD HH:MM:SS"), which compares in time order.
+_TIME = DateTime(timezone=True).with_variant(String(), "sqlite")
 
 _sid = bindparam("sid", type_=String)
 _key = bindparam("key", type_=String)
 _value = bindparam("value", type_=LargeBinary)
 _limit = bindparam("limit", type_=Integer)
 _after = bindparam("after", type_=String)
+_now = bindparam("now", type_=_TIME)
+_cutoff = bindparam("cutoff", type_=_TIME)
+# The expiry a write sets (NULL clears it), and whether it sets one at all.
+_expires_at = bindparam("expires_at", type_=_TIME)
+_set_expiry = bindparam("set_expiry", type_=Boolean)
 
 
 @dataclass(frozen=True)
@@ -63,25 +90,38 @@ class Dialect:
     get_sessions: Script
     page_sessions: Script
     get_session_age: Script
+    get_session_expiry: Script
+    read_session: Script
     remove_session: Script
     read_value: Script
     read_values: Script
+    #: Params: sid, key, value, expires_at, set_expiry.
     write_value: Script
-    write_values: Script
+    #: Params from :attr:`update_params`.
+    update_session: Script
     remove_value: Script
+    #: Params from :attr:`remove_values_params`.
     remove_values: Script
+    #: Params: sid, expires_at.
+    set_session_expiry: Script
+    #: Params: cutoff, limit.
     remove_created_before: Script
-    #: Builds the parameters of ``write_values`` from an id and a mapping of keys to bytes.
-    write_values_params: Callable[[str, Mapping[str, bytes]], Params]
+    #: Params: now, limit.
+    remove_expired: Script
+    #: Parameters of ``update_session``: id, values to write, keys to remove, and the expiry
+    #: (``set_expiry`` false: keep it; else ``expires_at``, bound, ``None`` clearing it).
+    update_params: Callable[[str, Mapping[str, bytes], list[str], bool, Any], Params]
     #: Builds the parameters of ``remove_values`` from an id and a list of keys.
     remove_values_params: Callable[[str, list[str]], Params]
-    #: ``created_at < :cutoff``, for queries by creation time (bind with :attr:`cutoff_param`).
+    #: ``created_at < :cutoff``, for queries by creation time (bind with :attr:`time_param`).
     created_before: ColumnElement[bool]
-    #: Converts a whole-second UTC cutoff to the bind value compared with ``created_at``.
-    cutoff_param: Callable[[datetime], Any]
-    #: Run first in a migration's transaction: makes concurrent migrators (several workers
-    #: of one application starting at once) wait for each other.
-    lock_migrations: Callable[[Connection], object]
+    #: ``expires_at < :now``, for queries of expired sessions (bind with :attr:`time_param`).
+    expired: ColumnElement[bool]
+    #: Converts a whole-second aware datetime to the bind value of a time column.
+    time_param: Callable[[datetime], Any]
+    #: Held while migrations run on a connection: concurrent migrators (several workers of
+    #: one application starting at once) wait for each other.
+    migration_lock: Callable[[Connection], contextlib.AbstractContextManager[None]]
     #: ``connect`` event of engines the backend creates itself (``from_url``), if any.
     on_connect: Callable[[Any, Any], None] | None
 
@@ -94,76 +134,131 @@ class Dialect:
 _get_sessions = select(S.c.id)
 _page_sessions = select(S.c.id).where(S.c.id > _after).order_by(S.c.id).limit(_limit)
 _get_session_age = select(S.c.created_at).where(S.c.id == _sid)
+_get_session_expiry = select(S.c.expires_at).where(S.c.id == _sid)
+# One statement, one snapshot: the session's times and all its values (none: no rows).
+_read_session = (
+    select(S.c.created_at, S.c.expires_at, V.c.key, V.c.value)
+    .select_from(S.outerjoin(V, V.c.session_id == S.c.id))
+    .where(S.c.id == _sid)
+)
 _read_value = select(V.c.value).where(V.c.session_id == _sid, V.c.key == _key)
 _read_values = select(V.c.key, V.c.value).where(V.c.session_id == _sid)
 _remove_value = delete(V).where(V.c.session_id == _sid, V.c.key == _key)
 _delete_session = delete(S).where(S.c.id == _sid)
+_set_session_expiry = update(S).where(S.c.id == _sid).values(expires_at=_expires_at)
+_created_before = S.c.created_at < _cutoff
+_expired = S.c.expires_at < _now
+
+
+def _batch(condition: ColumnElement[bool], order: Any) -> Any:
+    """The ids of one bounded batch of sessions matching ``condition``, oldest first."""
+    return select(S.c.id).where(condition).order_by(order).limit(_limit)
 
 
 # Serialises concurrent migrators on PostgreSQL (an arbitrary constant: "sessions_sql" in hex).
 _MIGRATION_LOCK_KEY = 0x73657373696F6E73
 
 
-def _postgresql_lock_migrations(connection: Connection) -> object:
-    return connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
+@contextlib.contextmanager
+def _postgresql_migration_lock(connection: Connection) -> Iterator[None]:
+    # A session-level advisory lock, held across the migrations' own transactions (a
+    # revision may commit part way, to build an index CONCURRENTLY). If the process dies,
+    # the server releases it with the connection.
+    connection.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK_KEY})")
+    connection.commit()
+    try:
+        yield
+    finally:
+        if connection.in_transaction():  # a failed migration's transaction
+            connection.rollback()
+        connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK_KEY})")
+        connection.commit()
 
 
 def _postgresql() -> Dialect:
     insert = postgresql.insert
-    # Create the session, or lock it if it exists: the no-op DO UPDATE (WHERE false) locks the
-    # row without writing it. Taking the session's lock before any value row's lock gives
-    # writers and remove_session (session row, then cascade to values) one lock order, so
-    # they queue instead of deadlocking; a removal that commits first is waited for and the
-    # write then creates a new session.
-    new_session = (
-        insert(S)
-        .values(id=_sid)
-        .on_conflict_do_update(
-            index_elements=[S.c.id], set_={"created_at": S.c.created_at}, where=false()
-        )
-        .returning(S.c.id)
-        .cte("new_session")
-    )
-    # Referencing the CTE in an InitPlan makes it run before the value upsert (an unreferenced
-    # data-modifying CTE would run after the main statement).
-    created_or_locked = select(func.count()).select_from(new_session).scalar_subquery()
-    session_ready = created_or_locked >= literal_column("0")
+    keys = bindparam("keys", type_=postgresql.ARRAY(String))
+    values = bindparam("values", type_=postgresql.ARRAY(LargeBinary))
+    remove = bindparam("remove", type_=postgresql.ARRAY(String))
 
-    def upsert_values(rows: Selectable) -> Executable:
+    def create_or_lock(rows: Selectable) -> Any:
+        # Create the session, or lock it if it exists: DO UPDATE locks the row, and writes it
+        # only when the call sets the expiry (WHERE set_expiry). Taking the session's lock
+        # before any value row's lock gives writers and remove_session (session row, then
+        # cascade to values) one lock order, so they queue instead of deadlocking; a removal
+        # that commits first is waited for and the write then creates a new session.
+        statement = insert(S).from_select(["id", "expires_at"], rows)
+        return (
+            statement.on_conflict_do_update(
+                index_elements=[S.c.id],
+                set_={"expires_at": statement.excluded.expires_at},
+                where=_set_expiry,
+            )
+            .returning(S.c.id)
+            .cte("new_session")
+        )
+
+    def first(*ctes: Any) -> ColumnElement[bool]:
+        # Referencing the CTEs in an InitPlan makes them run before the statement's own rows
+        # (an unreferenced data-modifying CTE would run after the main statement).
+        counts = [select(func.count()).select_from(cte).scalar_subquery() for cte in ctes]
+        total: ColumnElement[Any] = counts[0]
+        for count in counts[1:]:
+            total = total + count
+        return total >= literal_column("0")
+
+    def upsert_values(rows: Selectable, *ctes: Any) -> Executable:
         statement = insert(V).from_select(["session_id", "key", "value"], rows)
-        return statement.on_conflict_do_update(
+        statement = statement.on_conflict_do_update(
             index_elements=[V.c.session_id, V.c.key], set_={"value": statement.excluded.value}
-        ).add_cte(new_session)
-
-    write_value = upsert_values(select(_sid, _key, _value).where(session_ready))
-    pairs = (
-        func.unnest(
-            bindparam("keys", type_=postgresql.ARRAY(String)),
-            bindparam("values", type_=postgresql.ARRAY(LargeBinary)),
         )
-        .table_valued("key", "value")
-        .render_derived(name="pairs")
-    )
-    write_values = upsert_values(select(_sid, pairs.c.key, pairs.c.value).where(session_ready))
+        for cte in ctes:
+            statement = statement.add_cte(cte)
+        return statement
 
-    remove_values = delete(V).where(
-        V.c.session_id == _sid,
-        V.c.key == any_(bindparam("keys", type_=postgresql.ARRAY(String))),
+    new_session = create_or_lock(select(_sid, _expires_at))
+    write_value = upsert_values(select(_sid, _key, _value).where(first(new_session)), new_session)
+
+    # update_session: values written (creating the session), keys removed and the expiry
+    # set, in one statement. Without values to write it never creates the session: the
+    # expiry then goes through a plain UPDATE (touched) of an existing one.
+    writing = func.cardinality(keys) > literal_column("0")
+    session_written = create_or_lock(select(_sid, _expires_at).where(writing))
+    touched = (
+        update(S)
+        .where(S.c.id == _sid, _set_expiry, ~writing)
+        .values(expires_at=_expires_at)
+        .returning(S.c.id)
+        .cte("touched")
+    )
+    removed = (
+        delete(V)
+        .where(
+            V.c.session_id == _sid,
+            V.c.key == any_(remove),
+            first(session_written, touched),
+        )
+        .returning(V.c.key)
+        .cte("removed")
+    )
+    pairs = func.unnest(keys, values).table_valued("key", "value").render_derived(name="pairs")
+    update_session = upsert_values(
+        select(_sid, pairs.c.key, pairs.c.value).where(first(session_written, touched)),
+        session_written,
+        touched,
+        removed,
     )
 
-    created_before = S.c.created_at < bindparam("cutoff", type_=DateTime(timezone=True))
-    # One bounded batch; rows locked by writers are skipped, never waited for.
-    doomed = (
-        select(S.c.id)
-        .where(created_before)
-        .order_by(S.c.created_at)
-        .limit(_limit)
-        .with_for_update(skip_locked=True)
-    )
-    # "= ANY(ARRAY(subquery))", not "IN (subquery)": the planner turns IN into a join that
-    # scans the whole table per batch, while the array is computed once (an InitPlan) and
-    # probed through the primary key.
-    remove_created_before = delete(S).where(S.c.id == any_(func.array(doomed.scalar_subquery())))
+    remove_values = delete(V).where(V.c.session_id == _sid, V.c.key == any_(remove))
+
+    def remove_batch(condition: ColumnElement[bool], order: Any) -> Executable:
+        # One bounded batch; rows locked by writers are skipped, never waited for (and a row
+        # a writer changed meanwhile is checked again against the condition once locked).
+        # "= ANY(ARRAY(subquery))", not "IN (subquery)": the planner turns IN into a join
+        # that scans the whole table per batch, while the array is computed once (an
+        # InitPlan) and probed through the primary key.
+        doomed = _batch(condition, order).with_for_update(skip_locked=True)
+        return delete(S).where(S.c.id == any_(func.array(doomed.scalar_subquery())))
 
     return Dialect(
         name="postgresql",
@@ -172,42 +267,50 @@ def _postgresql() -> Dialect:
         get_sessions=(_get_sessions,),
         page_sessions=(_page_sessions,),
         get_session_age=(_get_session_age,),
+        get_session_expiry=(_get_session_expiry,),
+        read_session=(_read_session,),
         remove_session=(_delete_session,),  # values go by ON DELETE CASCADE
         read_value=(_read_value,),
         read_values=(_read_values,),
         write_value=(write_value,),
-        write_values=(write_values,),
+        update_session=(update_session,),
         remove_value=(_remove_value,),
         remove_values=(remove_values,),
-        remove_created_before=(remove_created_before,),
-        write_values_params=lambda sid, mapping: {
+        set_session_expiry=(_set_session_expiry,),
+        remove_created_before=(remove_batch(_created_before, S.c.created_at),),
+        remove_expired=(remove_batch(_expired, S.c.expires_at),),
+        update_params=lambda sid, mapping, remove_keys, set_expiry, expires_at: {
             "sid": sid,
             "keys": list(mapping),
             "values": list(mapping.values()),
+            "remove": remove_keys,
+            "set_expiry": set_expiry,
+            "expires_at": expires_at,
         },
-        remove_values_params=lambda sid, keys: {"sid": sid, "keys": keys},
-        created_before=created_before,
-        cutoff_param=lambda cutoff: cutoff,
-        lock_migrations=_postgresql_lock_migrations,
+        remove_values_params=lambda sid, keys: {"sid": sid, "remove": keys},
+        created_before=_created_before,
+        expired=_expired,
+        time_param=lambda moment: moment,
+        migration_lock=_postgresql_migration_lock,
         on_connect=None,
     )
 
 
-def _sqlite_cutoff(cutoff: datetime) -> str:
-    # SQLite stores CURRENT_TIMESTAMP as text ("YYYY-MM-DD HH:MM:SS", UTC); text in the same
-    # format compares in time order. The cutoff is already a whole second.
-    return cutoff.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+def _sqlite_time(moment: datetime) -> str:
+    # The format of CURRENT_TIMESTAMP; the moment is already a whole second.
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _sqlite_lock_migrations(connection: Connection) -> object:
-    # The whole migration in one write transaction, taken up front: a second migrator waits
-    # in the busy handler until the first commits, then finds the schema up to date. (A
-    # deferred transaction would read the version table first and then fail at once on the
-    # write lock; DDL outside a transaction would race table creation.) A connection whose
-    # owner already began a transaction on it keeps that one.
-    if connection.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
-        return None
-    return connection.exec_driver_sql("BEGIN IMMEDIATE")
+@contextlib.contextmanager
+def _sqlite_migration_lock(connection: Connection) -> Iterator[None]:
+    # The whole upgrade in one write transaction, taken up front (SQLite's DDL is
+    # transactional): a second migrator waits in the busy handler until the first commits,
+    # then finds the schema up to date. (A deferred transaction would read the version table
+    # first and then fail at once on the write lock; DDL outside a transaction would race
+    # table creation.) A connection whose owner already began a transaction keeps that one.
+    if not connection.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    yield
 
 
 _SQLITE_BUSY = 5  # SQLite's primary result code for a locked database file
@@ -259,21 +362,43 @@ def _sqlite() -> Dialect:
     # setting the host controls), so creation, upsert and cascades are explicit statements
     # in one IMMEDIATE transaction, which takes the write lock up front.
     insert = sqlite.insert
-    new_session = insert(S).values(id=_sid).on_conflict_do_nothing()
+    creating = bindparam("create", type_=Boolean)
+    # SQLite's upsert needs a WHERE on its SELECT (else "ON" would be ambiguous).
+    new_session = insert(S).from_select(
+        ["id", "expires_at"], select(_sid, _expires_at).where(creating)
+    )
+    new_session = new_session.on_conflict_do_update(
+        index_elements=[S.c.id],
+        set_={"expires_at": new_session.excluded.expires_at},
+        where=_set_expiry,
+    )
+    touch = update(S).where(S.c.id == _sid, _set_expiry, ~creating).values(expires_at=_expires_at)
     upsert = insert(V).values(session_id=_sid, key=_key, value=_value)
     upsert = upsert.on_conflict_do_update(
         index_elements=[V.c.session_id, V.c.key], set_={"value": upsert.excluded.value}
     )
-    remove_values = delete(V).where(V.c.session_id == _sid, V.c.key == _key)
+    remove_key = delete(V).where(V.c.session_id == _sid, V.c.key == _key)
 
-    created_before = S.c.created_at < bindparam("cutoff", type_=String)
-    doomed = (
-        select(S.c.id)
-        .where(created_before)
-        .order_by(S.c.created_at)
-        .limit(_limit)
-        .scalar_subquery()
-    )
+    def remove_batch(condition: ColumnElement[bool], order: Any) -> Script:
+        doomed = _batch(condition, order).scalar_subquery()
+        return (delete(V).where(V.c.session_id.in_(doomed)), delete(S).where(S.c.id.in_(doomed)))
+
+    def update_params(
+        sid: str,
+        mapping: Mapping[str, bytes],
+        remove_keys: list[str],
+        set_expiry: bool,
+        expires_at: Any,
+    ) -> Params:
+        return {
+            "sid": sid,
+            "create": bool(mapping),
+            "set_expiry": set_expiry,
+            "expires_at": expires_at,
+            "removed": [{"sid": sid, "key": key} for key in remove_keys],
+            "written": [{"sid": sid, "key": k, "value": v} for k, v in mapping.items()],
+        }
+
     return Dialect(
         name="sqlite",
         begin="BEGIN IMMEDIATE",
@@ -281,24 +406,26 @@ def _sqlite() -> Dialect:
         get_sessions=(_get_sessions,),
         page_sessions=(_page_sessions,),
         get_session_age=(_get_session_age,),
+        get_session_expiry=(_get_session_expiry,),
+        read_session=(_read_session,),
         remove_session=(delete(V).where(V.c.session_id == _sid), _delete_session),
         read_value=(_read_value,),
         read_values=(_read_values,),
-        write_value=(new_session, upsert),
-        write_values=(new_session, upsert),  # executemany over the rows
+        write_value=(new_session, upsert),  # params with create=True
+        update_session=(new_session, touch, Many(remove_key, "removed"), Many(upsert, "written")),
         remove_value=(_remove_value,),
-        remove_values=(remove_values,),  # executemany over the keys
-        remove_created_before=(
-            delete(V).where(V.c.session_id.in_(doomed)),
-            delete(S).where(S.c.id.in_(doomed)),
-        ),
-        write_values_params=lambda sid, mapping: [
-            {"sid": sid, "key": k, "value": v} for k, v in mapping.items()
-        ],
-        remove_values_params=lambda sid, keys: [{"sid": sid, "key": k} for k in keys],
-        created_before=created_before,
-        cutoff_param=_sqlite_cutoff,
-        lock_migrations=_sqlite_lock_migrations,
+        remove_values=(Many(remove_key, "removed"),),
+        set_session_expiry=(_set_session_expiry,),
+        remove_created_before=remove_batch(_created_before, S.c.created_at),
+        remove_expired=remove_batch(_expired, S.c.expires_at),
+        update_params=update_params,
+        remove_values_params=lambda sid, keys: {
+            "removed": [{"sid": sid, "key": key} for key in keys]
+        },
+        created_before=_created_before,
+        expired=_expired,
+        time_param=_sqlite_time,
+        migration_lock=_sqlite_migration_lock,
         on_connect=_sqlite_use_wal,
     )
 
@@ -315,12 +442,11 @@ def supported(table: Mapping[str, _T], name: str, what: str) -> _T:
         raise ValueError(f"unsupported {what} {name!r}; supported: {names}") from None
 
 
-def lock_migrations(connection: Connection) -> None:
-    """Take the migration lock of ``connection``'s database (:attr:`Dialect.lock_migrations`);
-    on a database this package has no statements for, none."""
+def migration_lock(connection: Connection) -> contextlib.AbstractContextManager[None]:
+    """The migration lock of ``connection``'s database (:attr:`Dialect.migration_lock`); on
+    a database this package has no statements for, none."""
     dialect = _DIALECTS.get(connection.dialect.name)
-    if dialect is not None:
-        dialect.lock_migrations(connection)
+    return contextlib.nullcontext() if dialect is None else dialect.migration_lock(connection)
 
 
 def dialect_for(name: str) -> Dialect:

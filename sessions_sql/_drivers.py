@@ -19,7 +19,7 @@ from sqlalchemy.engine.interfaces import Dialect as EngineDialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
-from ._dialects import Params, Script, supported
+from ._dialects import Many, Params, Script, supported
 
 __all__ = ["Driver", "Statement", "compile_script", "driver_for", "run_script"]
 
@@ -36,6 +36,8 @@ class Statement:
     returns_rows: bool
     #: Values of parameters the statement fixes itself (SQLite's ``OFFSET 0``).
     fixed: dict[str, Any]
+    #: Run once per row of the list ``params[rows]`` (see :class:`~._dialects.Many`).
+    rows: str | None = None
 
     def args(self, params: dict[str, Any]) -> tuple[Any, ...]:
         """The positional arguments for ``params`` (a mapping of parameter names)."""
@@ -52,13 +54,14 @@ def compile_script(
     if schema is not None:
         options = {"schema_translate_map": {None: schema}, "render_schema_translate": True}
     compiled = []
-    for statement in script:
+    for item in script:
+        statement, rows = (item.statement, item.rows) if isinstance(item, Many) else (item, None)
         sql = cast(SQLCompiler, cast(ClauseElement, statement).compile(dialect=dialect, **options))
         names = tuple(sql.positiontup or ())
         binds = sql.binds
         fixed = {name: binds[name].effective_value for name in names if not binds[name].required}
         returns_rows = bool(getattr(statement, "is_select", False) or sql.returning)
-        compiled.append(Statement(sql.string, names, returns_rows, fixed))
+        compiled.append(Statement(sql.string, names, returns_rows, fixed, rows))
     return tuple(compiled)
 
 
@@ -132,8 +135,10 @@ def driver_for(name: str) -> Driver:
 
 
 async def _run(driver: Driver, conn: Any, statement: Statement, params: Params) -> Outcome:
-    if isinstance(params, list):
-        await driver.many(conn, statement.sql, [statement.args(row) for row in params])
+    if statement.rows is not None:
+        rows = params[statement.rows]
+        if rows:
+            await driver.many(conn, statement.sql, [statement.args(row) for row in rows])
         return 0
     if statement.returns_rows:
         return await driver.rows(conn, statement.sql, statement.args(params))
@@ -145,11 +150,11 @@ async def run_script(
 ) -> Outcome:
     """Run ``script`` as one transaction on the driver connection ``conn``.
 
-    A single statement runs alone (one round trip in autocommit); a longer script, or a list
-    of parameter sets, runs between ``begin`` and COMMIT. A script that fails is rolled
+    A single statement runs alone (one round trip in autocommit); a longer script, or one
+    statement run once per row, runs between ``begin`` and COMMIT. A script that fails is rolled
     back; one that is cancelled is not, and its connection must be discarded.
     """
-    if len(script) == 1 and not isinstance(params, list):
+    if len(script) == 1 and script[0].rows is None:
         (statement,) = script
         outcome: Outcome
         try:

@@ -65,8 +65,8 @@ def alembic_config(
 ) -> Config:
     """Return an Alembic ``Config`` for the packaged migrations.
 
-    With ``connection`` the migrations run on it; else on ``url`` (offline ``--sql`` mode
-    needs only that).
+    With ``connection`` (not inside a transaction: the migrations begin and commit their own)
+    the migrations run on it; else on ``url`` (offline ``--sql`` mode needs only that).
     """
     config = Config()
     config.set_main_option("script_location", SCRIPT_LOCATION)
@@ -102,7 +102,7 @@ async def migrate(
             f"engine_or_url must be an AsyncEngine, str or URL, not {type(engine_or_url).__name__}"
         )
     try:
-        async with _ONE_AT_A_TIME, engine.begin() as conn:
+        async with _ONE_AT_A_TIME, engine.connect() as conn:
             await conn.run_sync(_upgrade, revision, schema)
     except (SQLAlchemyError, OSError) as error:
         raise BackendError(

@@ -9,11 +9,14 @@ them.
 
 from __future__ import annotations
 
+import enum
 import inspect
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
     "MAX_NAME_LENGTH",
@@ -22,13 +25,17 @@ __all__ = [
     "BulkRemoval",
     "SessionBackend",
     "SessionError",
+    "SessionExpiry",
     "SessionListing",
+    "SessionSnapshot",
     "SessionsSQLError",
     "accepts_keyword",
     "check_batch_size",
     "check_cutoff",
+    "check_expires_at",
     "check_extension",
     "check_key",
+    "check_now",
     "check_session_id",
     "check_value",
     "created_before_cutoff",
@@ -137,6 +144,81 @@ class SessionListing(Protocol):
 
     def iter_sessions(self, batch_size: int = 1000) -> AsyncIterator[str]:
         """Yield every session id, ``batch_size`` per query."""
+        ...
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """A whole session as one statement read it: creation time, expiry and every value."""
+
+    #: Creation time, whole Unix seconds (UTC).
+    created_at: int
+    #: When the session expires, whole Unix seconds, or ``None`` (no expiry).
+    expires_at: int | None
+    #: Every value of the session, by key.
+    values: dict[str, bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # values may be secrets: show their keys only
+        return (
+            f"SessionSnapshot(created_at={self.created_at}, expires_at={self.expires_at}, "
+            f"keys={sorted(self.values)!r})"
+        )
+
+
+class Keep(enum.Enum):
+    """The type of :data:`KEEP`."""
+
+    KEEP = "KEEP"
+
+
+#: The default of ``expires_at=`` on writes: the session's expiry stays as it is.
+KEEP = Keep.KEEP
+
+#: An expiry as a caller gives it: whole Unix seconds, an aware datetime, or ``None`` (none).
+Expiry = int | datetime | None
+
+
+@runtime_checkable
+class SessionExpiry(Protocol):
+    """Sessions that expire (idle timeouts, TTLs): an expiry per session, a one-statement
+    load and save, and removal of the expired ones.
+
+    A session is expired when ``expires_at < now`` in whole Unix seconds. The six protocol
+    methods never look at the expiry: the layers above enforce it, and garbage collection
+    (``remove_expired_sessions``) removes what has expired.
+    """
+
+    async def set_session_expiry(self, session_id: str, expires_at: Expiry) -> None:
+        """Set (``None``: clear) an existing session's expiry; never creates a session."""
+        ...
+
+    async def get_session_expiry(self, session_id: str) -> int | None:
+        """The session's expiry in whole Unix seconds; ``None`` if it has none or does not
+        exist."""
+        ...
+
+    async def read_session(self, session_id: str) -> SessionSnapshot | None:
+        """The whole session, read at one instant, or ``None`` if it does not exist."""
+        ...
+
+    async def update_session(
+        self,
+        session_id: str,
+        values: Mapping[str, bytes] | None = None,
+        *,
+        remove: Iterable[str] = (),
+        expires_at: Expiry | Literal[Keep.KEEP] = KEEP,
+    ) -> None:
+        """Write ``values``, remove the keys ``remove`` and set the expiry, atomically.
+
+        Writing values creates the session if needed; removing keys or setting the expiry
+        alone never does. ``expires_at`` left out keeps the expiry; ``None`` clears it.
+        """
+        ...
+
+    async def remove_expired_sessions(self, now: datetime | float | None = None) -> int:
+        """Remove every session whose expiry is before ``now`` (default: the current time)
+        and return how many."""
         ...
 
 
@@ -260,6 +342,24 @@ def check_value(value: object, max_bytes: int | None = None, what: str = "value"
     return data
 
 
+def check_values(values: object, max_bytes: int | None = None) -> dict[str, bytes]:
+    """Return a mapping of keys to values, checked (keys as :func:`check_key`, values as
+    :func:`check_value`, named by position), as a dict of bytes."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"values must be a mapping, not {type(values).__name__}")
+    return {
+        check_key(key): check_value(value, max_bytes, what=f"values[{i}]")
+        for i, (key, value) in enumerate(values.items())
+    }
+
+
+def check_keys(keys: object, what: str = "keys") -> list[str]:
+    """Return an iterable of keys (not a single ``str``) as a list without duplicates."""
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+        raise TypeError(f"{what} must be an iterable of str, not {type(keys).__name__}")
+    return list(dict.fromkeys(check_key(key) for key in keys))
+
+
 def check_batch_size(batch_size: object) -> int:
     """Return ``batch_size`` if it is an int from 1 to ``MAX_BATCH_SIZE``, else raise."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool):
@@ -290,6 +390,44 @@ def check_cutoff(cutoff: object) -> datetime:
         return datetime.fromtimestamp(math.ceil(seconds), timezone.utc)
     except (OverflowError, OSError, ValueError):
         raise ValueError("cutoff is out of the range of representable times") from None
+
+
+# The last whole second a datetime represents everywhere (9999-12-31T23:59:59Z).
+_MAX_SECONDS = 253_402_300_799
+
+
+def _whole_seconds(what: str, moment: object, *, floats: bool) -> int:
+    """Whole Unix seconds (rounded down) of an aware datetime or a number, range-checked."""
+    kinds = "a timezone-aware datetime or Unix seconds" + ("" if floats else " (an int)")
+    if isinstance(moment, datetime):
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            raise ValueError(f"{what} must be {kinds}: the datetime is naive")
+        seconds = math.floor(moment.timestamp())
+    elif isinstance(moment, bool) or not isinstance(moment, (int, float) if floats else int):
+        raise TypeError(f"{what} must be {kinds}, not {type(moment).__name__}")
+    elif isinstance(moment, float) and not math.isfinite(moment):
+        raise ValueError(f"{what} must be a finite number of seconds")
+    else:
+        seconds = math.floor(moment)
+    if not 0 <= seconds <= _MAX_SECONDS:
+        raise ValueError(f"{what} must be between 1970 and 9999, got {seconds} Unix seconds")
+    return seconds
+
+
+def check_expires_at(expires_at: object) -> datetime | None:
+    """Return an expiry (int Unix seconds or aware datetime) as an aware UTC datetime in
+    whole seconds (rounded down), or ``None`` for ``None``; else raise."""
+    if expires_at is None:
+        return None
+    seconds = _whole_seconds("expires_at", expires_at, floats=False)
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def check_now(now: object) -> datetime:
+    """Return "now" for expiry (``None``: the current time; else Unix seconds or an aware
+    datetime) as an aware UTC datetime in whole seconds (rounded down); else raise."""
+    seconds = _whole_seconds("now", time.time() if now is None else now, floats=True)
+    return datetime.fromtimestamp(seconds, timezone.utc)
 
 
 # Creation times are whole seconds: a cutoff past any creation time, for an age of zero.

@@ -22,6 +22,7 @@ from ._protocol import (
     BulkRemoval,
     SessionBackend,
     SessionError,
+    SessionExpiry,
     accepts_keyword,
     check_batch_size,
     check_extension,
@@ -182,6 +183,16 @@ class SessionManager:
         return Session(self._backend, secrets.token_urlsafe(32), clock=self._clock)
 
 
+def _count(method: str, removed: object) -> int:
+    """The number a removal returned, which the extension protocols promise is an int."""
+    if not isinstance(removed, int) or isinstance(removed, bool):
+        raise TypeError(
+            f"{method} must return the number of sessions removed, not {type(removed).__name__}"
+            " (sessions_sql.BulkRemoval, sessions_sql.SessionExpiry)"
+        )
+    return removed
+
+
 def _seconds(name: str, value: object) -> float:
     if isinstance(value, timedelta):
         return value.total_seconds()
@@ -189,20 +200,22 @@ def _seconds(name: str, value: object) -> float:
 
 
 class SessionCollector:
-    """Removes the sessions created at least ``lifetime`` ago, once (``collect``) or every
-    ``period`` (``run`` until ``stop``).
+    """Removes old and expired sessions, once (``collect``) or every ``period`` (``run``
+    until ``stop``).
 
-    A backend implementing :class:`~sessions_sql.BulkRemoval` (SQLAlchemyBackend and
-    MemoryBackend, in bounded batches) is cleaned through it; any other SessionBackend through
-    its six methods. A backend whose ``remove_sessions_created_before`` has another shape is
-    refused here with ``TypeError``.
+    Each pass removes the sessions created at least ``lifetime`` ago (if a lifetime is
+    given) and, on a backend implementing :class:`~sessions_sql.SessionExpiry`, the sessions
+    whose expiry has passed. A backend implementing :class:`~sessions_sql.BulkRemoval`
+    (SQLAlchemyBackend and MemoryBackend, in bounded batches) is cleaned of old sessions
+    through it; any other SessionBackend through its six methods. A backend whose extension
+    methods have another shape is refused here with ``TypeError``.
     """
 
     def __init__(
         self,
         backend: SessionBackend,
         period: timedelta,
-        lifetime: timedelta,
+        lifetime: timedelta | None = None,
         *,
         clock: Clock = time.time,
         batch_size: int = 5000,
@@ -212,55 +225,74 @@ class SessionCollector:
         self._period = _seconds("period", period)
         if self._period <= 0:
             raise ValueError("period must be positive")
-        self._lifetime = math.floor(_seconds("lifetime", lifetime))
-        if self._lifetime < 0:
+        self._lifetime = None if lifetime is None else math.floor(_seconds("lifetime", lifetime))
+        if self._lifetime is not None and self._lifetime < 0:
             raise ValueError("lifetime must not be negative")
         self._backend = backend
         self._clock = clock
         self._batch_size = check_batch_size(batch_size)
-        self._bulk: dict[str, int] | None = None  # keyword arguments of the bulk removal
-        if check_extension(backend, BulkRemoval):
-            remove = backend.remove_sessions_created_before  # type: ignore[attr-defined]
-            declared = accepts_keyword(remove, "batch_size")
-            self._bulk = {"batch_size": self._batch_size} if declared else {}
+        # Keyword arguments of each extension's removal, or None if the backend has none.
+        self._bulk = self._removal(BulkRemoval, "remove_sessions_created_before")
+        self._expired = self._removal(SessionExpiry, "remove_expired_sessions")
+        if self._lifetime is None and self._expired is None:
+            raise ValueError(
+                "nothing to collect: give a lifetime, or a backend implementing "
+                "sessions_sql.SessionExpiry"
+            )
         self._stopped = asyncio.Event()
 
+    def _removal(self, protocol: type, name: str) -> dict[str, int] | None:
+        if not check_extension(self._backend, protocol):
+            return None
+        declared = accepts_keyword(getattr(self._backend, name), "batch_size")
+        return {"batch_size": self._batch_size} if declared else {}
+
     def __repr__(self) -> str:
+        lifetime = "None" if self._lifetime is None else f"{self._lifetime}s"
         return (
             f"SessionCollector(backend={self._backend!r}, period={self._period}s, "
-            f"lifetime={self._lifetime}s)"
+            f"lifetime={lifetime}, expired={self._expired is not None})"
         )
 
     async def collect(self) -> int:
         """Run one pass and return how many sessions it removed.
 
-        A session is removed when ``now - created >= lifetime`` in whole seconds; a creation
-        time in the future counts as age zero.
+        A session is removed when ``now - created >= lifetime`` in whole seconds (a creation
+        time in the future counts as age zero), or when ``expires_at < now``.
         """
         now = math.floor(self._clock())
-        if self._bulk is not None:
-            backend: BulkRemoval = self._backend  # type: ignore[assignment]
-            cutoff = created_before_cutoff(now, self._lifetime)
-            removed = await _call(
-                "removing old sessions",
-                backend.remove_sessions_created_before(cutoff, **self._bulk),
-            )
-            if not isinstance(removed, int) or isinstance(removed, bool):
-                raise TypeError(
-                    "remove_sessions_created_before must return the number of sessions "
-                    f"removed (sessions_sql.BulkRemoval), not {type(removed).__name__}"
+        removed = 0
+        if self._lifetime is not None:
+            if self._bulk is not None:
+                cutoff = created_before_cutoff(now, self._lifetime)
+                backend: Any = self._backend
+                removed += _count(
+                    "remove_sessions_created_before",
+                    await _call(
+                        "removing old sessions",
+                        backend.remove_sessions_created_before(cutoff, **self._bulk),
+                    ),
                 )
-        else:
-            removed = await self._collect_one_by_one(now)
+            else:
+                removed += await self._collect_one_by_one(now, self._lifetime)
+        if self._expired is not None:
+            expiring: SessionExpiry = self._backend  # type: ignore[assignment]
+            removed += _count(
+                "remove_expired_sessions",
+                await _call(
+                    "removing expired sessions",
+                    expiring.remove_expired_sessions(now, **self._expired),
+                ),
+            )
         logger.debug("session collector removed %d sessions", removed)
         return removed
 
-    async def _collect_one_by_one(self, now: int) -> int:
+    async def _collect_one_by_one(self, now: int, lifetime: int) -> int:
         removed = 0
         for session_id in await _call("listing sessions", self._backend.get_sessions()):
             try:
                 created = await self._backend.get_session_age(session_id)
-                if created is None or max(0, now - created) < self._lifetime:
+                if created is None or max(0, now - created) < lifetime:
                     continue
                 await self._backend.remove_session(session_id)
             except Exception as error:

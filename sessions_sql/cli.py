@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 from alembic import command
 from alembic.util import CommandError
-from sqlalchemy import Connection, Select, func, inspect, select
+from sqlalchemy import Connection, Select, func, inspect, or_, select
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,6 +36,7 @@ from ._protocol import (
     SessionsSQLError,
     check_cutoff,
     check_key,
+    check_now,
     check_session_id,
     created_before_cutoff,
 )
@@ -205,15 +206,17 @@ def _reader(backend: SQLAlchemyBackend) -> AsyncEngine:
     return backend.engine.execution_options(schema_translate_map={None: backend.schema})
 
 
-async def _cutoff(backend: SQLAlchemyBackend, age: int) -> datetime | int:
-    """The cutoff selecting the sessions at least ``age`` seconds old, as the collector
-    computes it (an age of zero selects every session).
-
-    "Now" is the database clock, the one that stamped the creation times.
-    """
+async def _database_now(backend: SQLAlchemyBackend) -> int:
+    """The database clock (the one that stamped the creation times), in Unix seconds."""
     async with _reader(backend).connect() as conn:
         now: datetime = (await conn.execute(select(func.current_timestamp()))).scalar_one()
-    return created_before_cutoff(unix_seconds(now), age)
+    return unix_seconds(now)
+
+
+async def _cutoff(backend: SQLAlchemyBackend, age: int) -> datetime | int:
+    """The cutoff selecting the sessions at least ``age`` seconds old, as the collector
+    computes it (an age of zero selects every session)."""
+    return created_before_cutoff(await _database_now(backend), age)
 
 
 def _created_before(query: _Query, backend: SQLAlchemyBackend, cutoff: datetime | int) -> _Query:
@@ -221,7 +224,7 @@ def _created_before(query: _Query, backend: SQLAlchemyBackend, cutoff: datetime 
     SQL compares it."""
     sql = dialect_for(backend.engine.dialect.name)
     limited: _Query = query.where(sql.created_before)
-    return limited.params(cutoff=sql.cutoff_param(check_cutoff(cutoff)))
+    return limited.params(cutoff=sql.time_param(check_cutoff(cutoff)))
 
 
 # Subcommands.
@@ -269,19 +272,20 @@ def _migrate(args: argparse.Namespace) -> None:
 
 
 async def _list(backend: SQLAlchemyBackend, args: argparse.Namespace) -> None:
-    """Print session ids with their creation times, oldest first."""
-    query = select(S.c.id, S.c.created_at).order_by(S.c.created_at, S.c.id)
+    """Print session ids with their creation times (and, in JSON, expiries), oldest first."""
+    query = select(S.c.id, S.c.created_at, S.c.expires_at).order_by(S.c.created_at, S.c.id)
     if args.older_than is not None:
         query = _created_before(query, backend, await _cutoff(backend, args.older_than))
     if args.limit is not None:
         query = query.limit(args.limit)
     separator = "[\n  " if args.json else ""
     async with _reader(backend).connect() as conn:
-        async for session_id, created_at in await conn.stream(query):
+        async for session_id, created_at, expires_at in await conn.stream(query):
             seconds = unix_seconds(created_at)
             if args.json:
-                item = _json({"id": session_id, "created_at": _iso(seconds)})
-                sys.stdout.write(f"{separator}{item}")
+                item = {"id": session_id, "created_at": _iso(seconds)}
+                item["expires_at"] = None if expires_at is None else _iso(unix_seconds(expires_at))
+                sys.stdout.write(f"{separator}{_json(item)}")
                 separator = ",\n  "
             else:
                 print(f"{_text(session_id)}\t{_iso(seconds)}\t{seconds}")
@@ -290,15 +294,20 @@ async def _list(backend: SQLAlchemyBackend, args: argparse.Namespace) -> None:
 
 
 async def _show(backend: SQLAlchemyBackend, args: argparse.Namespace) -> None:
-    """Print a session's creation time and the size of each value."""
-    created = await backend.get_session_age(args.id)
-    if created is None:
+    """Print a session's creation time, expiry and the size of each value."""
+    session = await backend.read_session(args.id)
+    if session is None:
         raise CLIError("session not found")
-    sizes = {key: len(value) for key, value in sorted((await backend.read_values(args.id)).items())}
+    sizes = {key: len(value) for key, value in sorted(session.values.items())}
+    created, expires = session.created_at, session.expires_at
     if args.json:
-        print(_json({"id": args.id, "created_at": _iso(created), "value_sizes": sizes}))
+        item: dict[str, Any] = {"id": args.id, "created_at": _iso(created)}
+        item["expires_at"] = None if expires is None else _iso(expires)
+        item["value_sizes"] = sizes
+        print(_json(item))
         return
     print(f"created_at\t{_iso(created)}\t{created}")
+    print("expires_at\t-" if expires is None else f"expires_at\t{_iso(expires)}\t{expires}")
     for key, size in sizes.items():
         print(f"{_text(key)}\t{size}")
 
@@ -326,25 +335,40 @@ async def _rm(backend: SQLAlchemyBackend, args: argparse.Namespace) -> None:
 
 
 async def _gc(backend: SQLAlchemyBackend, args: argparse.Namespace) -> None:
-    """Remove (or with --dry-run count) the sessions at least --older-than old."""
-    cutoff = await _cutoff(backend, args.older_than)
+    """Remove (or with --dry-run count) the sessions at least --older-than old and, with
+    --expired, those whose expiry has passed ("now" is the database clock for both)."""
+    now = await _database_now(backend)
+    cutoff = None if args.older_than is None else created_before_cutoff(now, args.older_than)
     if args.dry_run:
-        query = _created_before(select(func.count()).select_from(S), backend, cutoff)
+        sql = dialect_for(backend.engine.dialect.name)
+        conditions, params = [], {}
+        if cutoff is not None:
+            conditions.append(sql.created_before)
+            params["cutoff"] = sql.time_param(check_cutoff(cutoff))
+        if args.expired:
+            conditions.append(sql.expired)
+            params["now"] = sql.time_param(check_now(now))
+        query = select(func.count()).select_from(S).where(or_(*conditions)).params(**params)
         async with _reader(backend).connect() as conn:
             count = (await conn.execute(query)).scalar_one()
         print(f"would remove {count} sessions")
         return
-    reported = 0
+    reported = removed = 0
 
-    def progress(removed: int) -> None:
+    def progress(done: int) -> None:
         nonlocal reported
-        if removed != reported:
-            print(f"removed {removed} sessions...", file=sys.stderr, flush=True)
-            reported = removed
+        if removed + done != reported:
+            reported = removed + done
+            print(f"removed {reported} sessions...", file=sys.stderr, flush=True)
 
-    removed = await backend.remove_sessions_created_before(
-        cutoff, batch_size=args.batch_size, progress=progress
-    )
+    if cutoff is not None:
+        removed += await backend.remove_sessions_created_before(
+            cutoff, batch_size=args.batch_size, progress=progress
+        )
+    if args.expired:
+        removed += await backend.remove_expired_sessions(
+            now, batch_size=args.batch_size, progress=progress
+        )
     print(f"removed {removed} sessions")
 
 
@@ -441,9 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("list", "List session ids with creation times (UTC ISO 8601, Unix seconds).", _list)
     sub.add_argument("--older-than", type=parse_age, metavar="AGE", help="at least this old")
     sub.add_argument("--limit", type=_positive_int, metavar="N", help="at most N sessions")
-    sub.add_argument("--json", action="store_true", help='a JSON array of {"id", "created_at"}')
+    sub.add_argument(
+        "--json", action="store_true", help='a JSON array of {"id", "created_at", "expires_at"}'
+    )
 
-    sub = add("show", "Show a session's creation time and the size of each value.", _show)
+    sub = add("show", "Show a session's creation time, expiry and the size of each value.", _show)
     sub.add_argument("id", type=session_id, metavar="ID")
     sub.add_argument("--json", action="store_true", help="print a JSON object")
 
@@ -459,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("id", type=session_id, metavar="ID")
     sub.add_argument("key", type=key, metavar="KEY", nargs="?")
 
-    sub = add("gc", "Remove the sessions at least --older-than old.", _gc)
-    sub.add_argument("--older-than", type=parse_age, metavar="AGE", required=True, help="e.g. 7d")
+    sub = add("gc", "Remove the sessions at least --older-than old, and/or --expired ones.", _gc)
+    sub.add_argument("--older-than", type=parse_age, metavar="AGE", help="e.g. 7d")
+    sub.add_argument("--expired", action="store_true", help="sessions whose expiry has passed")
     sub.add_argument("--dry-run", action="store_true", help="only count them")
     sub.add_argument(
         "--batch-size",
@@ -483,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``sessions-sql`` with ``argv`` (default: the process arguments); return the status."""
     try:
         args = build_parser().parse_args(argv)
+        if args.run is _gc and args.older_than is None and not args.expired:
+            raise CLIError("gc needs --older-than AGE, --expired, or both (see `--help`)", 2)
         if args.run is None:
             _migrate(args)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, LargeBinary, MetaData, String, func
+from sqlalchemy import DateTime, ForeignKey, Index, LargeBinary, MetaData, String, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ._protocol import MAX_NAME_LENGTH
@@ -31,13 +31,25 @@ class Base(DeclarativeBase):
 
 
 class SessionRecord(Base):
-    """One session: its id and its creation time, set once by the database clock."""
+    """One session: its id, its creation time (set once by the database clock) and when it
+    expires (``NULL``: never)."""
 
     __tablename__ = "sessions"
 
     id: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        # Only sessions that expire are indexed: the collector finds expired ones through it.
+        Index(
+            "ix_sessions_expires_at",
+            "expires_at",
+            postgresql_where=expires_at.is_not(None),
+            sqlite_where=expires_at.is_not(None),
+        ),
     )
 
 

@@ -32,13 +32,22 @@ from typing import Any, ClassVar
 
 import pytest
 
-from ._protocol import BatchValues, BulkRemoval, SessionBackend, SessionListing, check_extension
+from ._protocol import (
+    BatchValues,
+    BulkRemoval,
+    SessionBackend,
+    SessionExpiry,
+    SessionListing,
+    SessionSnapshot,
+    check_extension,
+)
 
 __all__ = [
     "BAD_INPUTS",
     "BackendContract",
     "BatchValuesContract",
     "BulkRemovalContract",
+    "SessionExpiryContract",
     "SessionListingContract",
 ]
 
@@ -377,3 +386,172 @@ class SessionListingContract:
             assert sorted(listed) == ids
         with pytest.raises(ValueError, match="batch_size"):
             [sid async for sid in backend.iter_sessions(0)]
+
+
+#: Refused expiries: (value, exception type).
+BAD_EXPIRIES: list[tuple[Any, type[Exception]]] = [
+    (True, TypeError),
+    (1.5, TypeError),
+    ("2030-01-01", TypeError),
+    (-1, ValueError),
+    (10**13, ValueError),
+    (datetime(2030, 1, 1), ValueError),  # naive
+]
+
+
+@pytest.mark.asyncio
+class SessionExpiryContract:
+    """Opt-in semantics of :class:`~sessions_sql.SessionExpiry`, for a backend implementing
+    it. Needs the same ``backend`` fixture as :class:`BackendContract`."""
+
+    async def test_implements_session_expiry(self, backend: Any) -> None:
+        assert isinstance(backend, SessionExpiry)
+        assert check_extension(backend, SessionExpiry)
+
+    async def test_a_new_session_has_no_expiry(self, backend: Any) -> None:
+        assert await backend.get_session_expiry(_SID) is None
+        await backend.write_value(_SID, "k", b"v")
+        assert await backend.get_session_expiry(_SID) is None
+
+    async def test_set_get_and_clear_the_expiry(self, backend: Any) -> None:
+        await backend.write_value(_SID, "k", b"v")
+        await backend.set_session_expiry(_SID, 2_000_000_000)
+        assert await backend.get_session_expiry(_SID) == 2_000_000_000
+        moment = datetime(2031, 5, 6, 7, 8, 9, 999_999, tzinfo=timezone.utc)
+        await backend.set_session_expiry(_SID, moment)  # whole seconds, rounded down
+        assert await backend.get_session_expiry(_SID) == int(moment.timestamp())
+        await backend.write_value(_SID, "k", b"w")  # a write without expires_at keeps it
+        assert await backend.get_session_expiry(_SID) == int(moment.timestamp())
+        await backend.set_session_expiry(_SID, None)
+        assert await backend.get_session_expiry(_SID) is None
+        assert await backend.read_value(_SID, "k") == b"w"
+
+    async def test_writes_set_the_expiry_in_the_same_call(self, backend: Any) -> None:
+        await backend.write_value(_SID, "a", b"1", expires_at=2_000_000_000)
+        assert await backend.get_session_expiry(_SID) == 2_000_000_000
+        await backend.write_values(_SID, {"b": b"2"}, expires_at=2_000_000_100)
+        assert await backend.get_session_expiry(_SID) == 2_000_000_100
+        await backend.write_values(_SID, {"c": b"3"})
+        assert await backend.get_session_expiry(_SID) == 2_000_000_100
+        await backend.write_value(_SID, "a", b"4", expires_at=None)
+        assert await backend.get_session_expiry(_SID) is None
+        assert await backend.read_values(_SID) == {"a": b"4", "b": b"2", "c": b"3"}
+
+    async def test_setting_an_expiry_never_creates_a_session(self, backend: Any) -> None:
+        await backend.set_session_expiry(_SID, 2_000_000_000)
+        await backend.update_session(_SID, remove=["k"], expires_at=2_000_000_000)
+        await backend.update_session(_SID, {}, expires_at=None)
+        await backend.write_values(_SID, {}, expires_at=2_000_000_000)
+        assert await backend.get_sessions() == []
+        assert await backend.get_session_expiry(_SID) is None
+        assert await backend.read_session(_SID) is None
+
+    async def test_read_session(self, backend: Any) -> None:
+        assert await backend.read_session(_SID) is None
+        await backend.write_values(_SID, {"a": b"1", "b": b"", "c": bytes(range(256))})
+        snapshot = await backend.read_session(_SID)
+        assert isinstance(snapshot, SessionSnapshot)
+        assert snapshot.created_at == await backend.get_session_age(_SID)
+        assert type(snapshot.created_at) is int
+        assert snapshot.expires_at is None
+        assert snapshot.values == {"a": b"1", "b": b"", "c": bytes(range(256))}
+        assert all(type(value) is bytes for value in snapshot.values.values())
+        await backend.remove_values(_SID, ["a", "b", "c"])
+        await backend.set_session_expiry(_SID, 2_000_000_000)
+        empty = await backend.read_session(_SID)
+        assert empty == SessionSnapshot(snapshot.created_at, 2_000_000_000, {})
+
+    async def test_update_session_writes_removes_and_sets_the_expiry(self, backend: Any) -> None:
+        await backend.update_session(_SID, {"a": b"1", "b": b"2", "c": b"3"})
+        created = await backend.get_session_age(_SID)
+        await backend.update_session(
+            _SID, {"a": b"one", "d": b"4"}, remove=["b", "missing"], expires_at=2_000_000_000
+        )
+        snapshot = await backend.read_session(_SID)
+        assert snapshot == SessionSnapshot(
+            created, 2_000_000_000, {"a": b"one", "c": b"3", "d": b"4"}
+        )
+        await backend.update_session(_SID, remove=["a", "c", "d"])  # the session stays
+        assert await backend.read_session(_SID) == SessionSnapshot(created, 2_000_000_000, {})
+        await backend.update_session(_SID, expires_at=None)
+        assert await backend.get_session_expiry(_SID) is None
+        await backend.update_session(_SID)  # nothing to do
+        assert await backend.get_sessions() == [_SID]
+
+    async def test_update_session_refuses_a_key_both_written_and_removed(
+        self, backend: Any
+    ) -> None:
+        await backend.write_value(_SID, "k", b"kept")
+        with pytest.raises(ValueError, match="both written and removed"):
+            await backend.update_session(_SID, {"k": b"new"}, remove=["k"])
+        with pytest.raises(TypeError, match="remove"):
+            await backend.update_session(_SID, remove="k")
+        assert await backend.read_values(_SID) == {"k": b"kept"}
+
+    async def test_concurrent_updates_of_other_keys_all_survive(self, backend: Any) -> None:
+        await backend.write_values(_SID, {f"old{n}": b"x" for n in range(16)})
+        await asyncio.gather(
+            *(
+                backend.update_session(
+                    _SID, {f"new{n}": b"%d" % n}, remove=[f"old{n}"], expires_at=2_000_000_000 + n
+                )
+                for n in range(16)
+            )
+        )
+        assert await backend.read_values(_SID) == {f"new{n}": b"%d" % n for n in range(16)}
+        assert 2_000_000_000 <= await backend.get_session_expiry(_SID) < 2_000_000_016
+
+    async def test_remove_expired_sessions(self, backend: Any) -> None:
+        now = 2_000_000_000
+        await backend.write_value("past", "k", b"v", expires_at=now - 1)
+        await backend.write_value("long-past", "k", b"v", expires_at=1)
+        await backend.write_value("now", "k", b"v", expires_at=now)  # not yet: strictly less
+        await backend.write_value("future", "k", b"v", expires_at=now + 1)
+        await backend.write_value("never", "k", b"v")
+        # The protocol's methods do not look at the expiry: expired sessions are still there.
+        assert await backend.read_value("past", "k") == b"v"
+        assert len(await backend.get_sessions()) == 5
+        assert await backend.remove_expired_sessions(now + 0.9) == 2
+        assert sorted(await backend.get_sessions()) == ["future", "never", "now"]
+        assert await backend.read_value("past", "k") is None
+        later = datetime.fromtimestamp(now + 2, timezone.utc)
+        assert await backend.remove_expired_sessions(later) == 2
+        assert await backend.get_sessions() == ["never"]
+        assert await backend.remove_expired_sessions() == 0  # default: the current time
+        await backend.write_value("past", "k", b"new")  # a new session, without an expiry
+        assert await backend.get_session_expiry("past") is None
+
+    @pytest.mark.parametrize(("bad", "error"), BAD_EXPIRIES)
+    async def test_bad_expiries_are_refused_and_change_nothing(
+        self, backend: Any, bad: Any, error: type[Exception]
+    ) -> None:
+        await backend.write_value(_SID, "k", b"kept", expires_at=2_000_000_000)
+        calls = [
+            backend.set_session_expiry(_SID, bad),
+            backend.write_value(_SID, "k", b"new", expires_at=bad),
+            backend.write_values(_SID, {"k": b"new"}, expires_at=bad),
+            backend.update_session(_SID, {"k": b"new"}, expires_at=bad),
+            backend.update_session("other", {"k": b"new"}, expires_at=bad),
+        ]
+        for call in calls:
+            with pytest.raises(error, match="expires_at"):
+                await call
+        assert await backend.read_session(_SID) == SessionSnapshot(
+            await backend.get_session_age(_SID), 2_000_000_000, {"k": b"kept"}
+        )
+        assert await backend.get_sessions() == [_SID]
+
+    @pytest.mark.parametrize(
+        ("bad", "error"),
+        [
+            (True, TypeError),
+            ("now", TypeError),
+            (-5, ValueError),
+            (datetime(2030, 1, 1), ValueError),
+        ],
+    )
+    async def test_bad_now_is_refused(self, backend: Any, bad: Any, error: type[Exception]) -> None:
+        await backend.write_value(_SID, "k", b"v", expires_at=1)
+        with pytest.raises(error, match="now"):
+            await backend.remove_expired_sessions(bad)
+        assert await backend.get_sessions() == [_SID]

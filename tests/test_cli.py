@@ -127,6 +127,15 @@ def write(url: str, sessions: dict[str, dict[str, bytes]]) -> None:
     asyncio.run(go())
 
 
+def set_expiry(url: str, expiries: dict[str, int | None]) -> None:
+    async def go() -> None:
+        async with SQLAlchemyBackend.from_url(url) as backend:
+            for session_id, expires_at in expiries.items():
+                await backend.set_session_expiry(session_id, expires_at)
+
+    asyncio.run(go())
+
+
 def set_created(url: str, session_id: str, when: datetime) -> None:
     """Backdate a session (UPDATE through a direct connection)."""
     value: Any = when
@@ -178,11 +187,12 @@ def test_migrate_upgrade_current_history_downgrade(cli: Any, empty_url: str) -> 
 
     result = cli("--url", empty_url, "migrate", "current")
     assert result.code == 0
-    assert result.lines == ["0001 (head)"]
+    assert result.lines == ["0002 (head)"]
 
     result = cli("migrate", "history", url=empty_url)
     assert result.code == 0
-    assert result.lines[0].startswith("<base> -> 0001")
+    assert result.lines[0].startswith("0001 -> 0002 (sessions_sql) (head)")
+    assert result.lines[-1].startswith("<base> -> 0001")
 
     result = cli("migrate", "downgrade", "base", "--url", empty_url)
     assert result.code == 0, result.err
@@ -202,14 +212,23 @@ def test_migrate_sql_prints_offline_sql_without_touching_the_database(
     assert "CREATE TABLE session_values (" in out
     assert "Context impl" not in out  # log lines go to stderr, stdout is pure SQL
     assert "Context impl" in result.err
+    assert "ALTER TABLE sessions ADD COLUMN expires_at" in out
     if empty_url.startswith("sqlite"):
         assert not Path(empty_url.split("///", 1)[1]).exists()
+        assert "CREATE INDEX ix_sessions_expires_at ON sessions (expires_at) WHERE" in out
     else:
         assert tables(empty_url) == set()
+        # Built without blocking writes, outside the migration's transaction.
+        commit, build = out.index("COMMIT;"), out.index(
+            "CREATE INDEX CONCURRENTLY ix_sessions_expires_at ON sessions (expires_at) WHERE"
+        )
+        assert commit < build
 
     result = cli("migrate", "downgrade", "base", "--sql", url=empty_url)
     assert result.code == 0, result.err
-    assert "DROP TABLE sessions;" in result.out.decode()
+    out = result.out.decode()
+    assert "DROP TABLE sessions;" in out
+    assert "ALTER TABLE sessions DROP COLUMN expires_at" in out
 
 
 def test_migrate_schema_on_postgresql(cli: Any, postgres_server: Any) -> None:
@@ -218,7 +237,7 @@ def test_migrate_schema_on_postgresql(cli: Any, postgres_server: Any) -> None:
     assert {"sessions", "session_values", "sessions_sql_alembic_version"} <= tables(url, "app")
     assert tables(url) == set()  # nothing in public
 
-    assert cli("migrate", "current", "--schema", "app", url=url).lines == ["0001 (head)"]
+    assert cli("migrate", "current", "--schema", "app", url=url).lines == ["0002 (head)"]
     assert cli("set", "sid", "k", "--schema", "app", url=url, stdin=b"in app").code == 0
     assert cli("--schema", "app", "get", "sid", "k", url=url).out == b"in app"
     assert sql(url, "SELECT key FROM app.session_values") == [("k",)]
@@ -249,6 +268,7 @@ def test_set_get_show_rm(cli: Any, db_url: str) -> None:
     assert result.code == 0
     assert result.lines == [
         f"created_at\t{iso(seconds)}\t{seconds}",
+        "expires_at\t-",
         f"blob\t{len(blob)}",
         "empty\t0",
     ]
@@ -256,8 +276,14 @@ def test_set_get_show_rm(cli: Any, db_url: str) -> None:
     assert json.loads(result.out) == {
         "id": SECRET_ID,
         "created_at": iso(seconds),
+        "expires_at": None,
         "value_sizes": {"blob": len(blob), "empty": 0},
     }
+    set_expiry(db_url, {SECRET_ID: 2_000_000_000})
+    result = cli("show", SECRET_ID, url=db_url)
+    assert result.lines[1] == f"expires_at\t{iso(2_000_000_000)}\t2000000000"
+    result = cli("show", SECRET_ID, "--json", url=db_url)
+    assert json.loads(result.out)["expires_at"] == iso(2_000_000_000) == "2033-05-18T03:33:20Z"
 
     error = assert_error(cli("get", SECRET_ID, "nope", url=db_url), 1)
     assert SECRET_ID not in error
@@ -284,6 +310,7 @@ def test_list(cli: Any, db_url: str) -> None:
     created = {"old-a": now - 10 * 86400, odd_id: now - 5 * 86400, "old-b": now - 2 * 86400}
     for sid, seconds in created.items():
         set_created(db_url, sid, datetime.fromtimestamp(seconds, timezone.utc))
+    set_expiry(db_url, {"old-b": 2_000_000_000})
 
     result = cli("list", url=db_url)
     assert result.code == 0
@@ -298,7 +325,8 @@ def test_list(cli: Any, db_url: str) -> None:
     result = cli("--url", db_url, "list", "--json")
     assert result.code == 0
     items = json.loads(result.out)
-    assert [set(item) for item in items] == [{"id", "created_at"}] * 4
+    assert [set(item) for item in items] == [{"id", "created_at", "expires_at"}] * 4
+    assert [item["expires_at"] for item in items] == [None, None, iso(2_000_000_000), None]
     assert [item["id"] for item in items] == ["old-a", odd_id, "old-b", "new"]
     assert items[0]["created_at"] == iso(created["old-a"])
 
@@ -310,7 +338,9 @@ def test_list(cli: Any, db_url: str) -> None:
     ]
 
     result = cli("list", "--older-than", "168h", "--limit", "5", "--json", url=db_url)
-    assert json.loads(result.out) == [{"id": "old-a", "created_at": iso(created["old-a"])}]
+    assert json.loads(result.out) == [
+        {"id": "old-a", "created_at": iso(created["old-a"]), "expires_at": None}
+    ]
 
     result = cli("list", "--limit", "2", url=db_url)
     assert [line.split("\t")[0] for line in result.lines] == ["old-a", "tab\\tnew\\nline\\\\back"]
@@ -360,6 +390,30 @@ def test_gc_older_than_zero_removes_every_session(cli: Any, db_url: str) -> None
     assert result.out == b"removed 3 sessions\n"
     assert session_ids(db_url) == set()
     assert value_owners(db_url) == set()
+
+
+def test_gc_expired(cli: Any, db_url: str) -> None:
+    """``--expired`` removes the sessions whose expiry is before the database clock's now;
+    with ``--older-than`` too, both kinds go in one run."""
+    write(db_url, {sid: {"a": b"1"} for sid in ("expired", "live", "never", "old")})
+    set_expiry(db_url, {"expired": int(time.time()) - 3600, "live": int(time.time()) + 3600})
+    set_created(db_url, "old", datetime.now(timezone.utc) - timedelta(days=10))
+
+    result = cli("gc", "--expired", "--dry-run", url=db_url)
+    assert result == Result(0, b"would remove 1 sessions\n", "")
+    result = cli("gc", "--expired", "--older-than", "7d", "--dry-run", url=db_url)
+    assert result == Result(0, b"would remove 2 sessions\n", "")
+    assert session_ids(db_url) == {"expired", "live", "never", "old"}
+
+    result = cli("gc", "--expired", url=db_url)
+    assert result.code == 0
+    assert result.out == b"removed 1 sessions\n"
+    assert session_ids(db_url) == {"live", "never", "old"}
+    assert value_owners(db_url) == {"live", "never", "old"}
+    set_expiry(db_url, {"live": int(time.time()) - 1})
+    result = cli("gc", "--expired", "--older-than", "7d", url=db_url)
+    assert result.out == b"removed 2 sessions\n"
+    assert session_ids(db_url) == {"never"}
 
 
 # stats.
@@ -459,7 +513,7 @@ def test_bad_url(cli: Any, url: str) -> None:
     [
         (["gc", "--older-than", "7x"], "invalid age '7x'"),
         (["list", "--older-than", "1.5h"], "invalid age '1.5h'"),
-        (["gc"], "--older-than"),
+        (["gc"], "--older-than AGE, --expired, or both"),
         (["list", "--limit", "0"], "--limit"),
         (["migrate", "downgrade"], "revision"),
         ([], "COMMAND"),

@@ -11,10 +11,16 @@ from sessions_sql.testing import (
     BackendContract,
     BatchValuesContract,
     BulkRemovalContract,
+    SessionExpiryContract,
     SessionListingContract,
 )
 
-EXTENSIONS = (BulkRemovalContract, BatchValuesContract, SessionListingContract)
+EXTENSIONS = (
+    BulkRemovalContract,
+    BatchValuesContract,
+    SessionListingContract,
+    SessionExpiryContract,
+)
 
 
 class TestMemoryBackend(BackendContract, *EXTENSIONS):

@@ -72,7 +72,7 @@ def _tables(conn: Connection) -> set[str]:
 
 def test_both_histories_upgrade_side_by_side(host_db: str) -> None:
     assert "a1 (head)" in ok(alembic(host_db, "current"))
-    assert "0001 (head)" in ok(alembic(host_db, "-n", "sessions_sql", "current"))
+    assert "0002 (head)" in ok(alembic(host_db, "-n", "sessions_sql", "current"))
     # One head each: neither history sees the other's revisions.
     assert "a1" not in ok(alembic(host_db, "-n", "sessions_sql", "heads"))
     assert "0001" not in ok(alembic(host_db, "heads"))

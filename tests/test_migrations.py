@@ -65,7 +65,7 @@ async def test_downgrade_to_base_and_back(empty_url: str) -> None:
     await migrate(empty_url)
     engine = create_async_engine(empty_url)
     try:
-        async with engine.begin() as conn:
+        async with engine.connect() as conn:
             await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "base"))
         async with engine.connect() as conn:
             assert await conn.run_sync(_tables) == {VERSION_TABLE}
@@ -107,7 +107,7 @@ def test_alembic_upgrade_from_checkout(tmp_path: Path) -> None:
     env = {**os.environ, "SESSIONS_SQL_URL": url}
     alembic = [sys.executable, "-m", "alembic"]
     _run([*alembic, "upgrade", "head"], REPO, env)
-    assert "0001 (head)" in _run([*alembic, "current"], REPO, env).stdout
+    assert "0002 (head)" in _run([*alembic, "current"], REPO, env).stdout
     offline = _run([*alembic, "upgrade", "head", "--sql"], REPO, env).stdout
     assert "CREATE TABLE sessions" in offline
     assert asyncio.run(_inspect(url, _tables)) == {"sessions", "session_values", VERSION_TABLE}

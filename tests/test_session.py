@@ -334,6 +334,53 @@ async def test_collector_refuses_a_bulk_removal_returning_no_count() -> None:
         await collector.collect()
 
 
+async def test_collector_removes_old_and_expired_sessions_in_one_pass(
+    any_backend: Any,
+) -> None:
+    await any_backend.write_value("old", "k", b"v")
+    created = await any_backend.get_session_age("old")
+    now = created + 100
+    await any_backend.write_value("expired", "k", b"v", expires_at=now - 1)
+    await any_backend.write_value("expiring", "k", b"v", expires_at=now)  # not before now
+    await any_backend.write_value("idle-but-young", "k", b"v", expires_at=now + 50)
+    clock = FakeClock(now + 0.5)
+    # Everything was created within the last 100 seconds: a lifetime of 1000 removes none.
+    both = SessionCollector(any_backend, timedelta(1), timedelta(seconds=1000), clock=clock)
+    assert await both.collect() == 1
+    assert "expired" not in await any_backend.get_sessions()
+    expiry_only = SessionCollector(any_backend, timedelta(1), clock=clock)  # no lifetime
+    clock.now = now + 1
+    assert await expiry_only.collect() == 1
+    assert sorted(await any_backend.get_sessions()) == ["idle-but-young", "old"]
+    clock.now = created + 1000
+    assert await both.collect() == 2  # old by lifetime, idle-but-young by expiry
+    assert await any_backend.get_sessions() == []
+
+
+def test_an_expiry_only_collector_needs_session_expiry() -> None:
+    with pytest.raises(ValueError, match="nothing to collect"):
+        SessionCollector(ProtocolOnly(MemoryBackend()), timedelta(1))
+    assert "lifetime=None" in repr(SessionCollector(MemoryBackend(), timedelta(1)))
+
+
+async def test_collector_passes_no_batch_size_to_a_minimal_expiry_removal() -> None:
+    calls: list[Any] = []
+
+    class OwnExpiry(ProtocolOnly):
+        async def set_session_expiry(self, session_id: str, expires_at: Any) -> None: ...
+        async def get_session_expiry(self, session_id: str) -> int | None: ...
+        async def read_session(self, session_id: str) -> Any: ...
+        async def update_session(self, session_id: str, values: Any = None, **kw: Any) -> None: ...
+
+        async def remove_expired_sessions(self, now: Any = None) -> int:
+            calls.append(now)
+            return 3
+
+    collector = SessionCollector(OwnExpiry(MemoryBackend()), timedelta(1), clock=FakeClock(77.5))
+    assert await collector.collect() == 3
+    assert calls == [77]
+
+
 @pytest.mark.parametrize("protocol_only", [False, True])
 async def test_creation_in_the_future_counts_as_age_zero(protocol_only: bool) -> None:
     clock = FakeClock(5000)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.schema import CreateSchema
 
-from sessions_sql._dialects import lock_migrations
+from sessions_sql._dialects import migration_lock
 from sessions_sql._migrate import VERSION_TABLE
 from sessions_sql.models import Base
 
@@ -50,6 +50,9 @@ def _configure(**kw: Any) -> None:
         target_metadata=Base.metadata,
         version_table=VERSION_TABLE,
         version_table_schema=_schema(),
+        # A revision may commit part way (a PostgreSQL index built CONCURRENTLY): each one
+        # runs in its own transaction, with the version row moved in it.
+        transaction_per_migration=True,
         **kw,
     )
 
@@ -61,19 +64,24 @@ def run_offline() -> None:
 
 
 def run_on(connection: Connection) -> None:
-    schema = _schema()
-    if schema is not None and connection.dialect.name == "postgresql":
-        connection.execute(CreateSchema(schema, if_not_exists=True))
-    _configure(connection=connection)
-    with context.begin_transaction():
-        lock_migrations(connection)
-        context.run_migrations()
+    """Upgrade on ``connection`` (outside a transaction) under the database's migration
+    lock, and commit."""
+    with migration_lock(connection):
+        schema = _schema()
+        if schema is not None and connection.dialect.name == "postgresql":
+            connection.execute(CreateSchema(schema, if_not_exists=True))
+            connection.commit()
+        _configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+        if connection.in_transaction():
+            connection.commit()
 
 
 async def _run_async(url: str) -> None:
     engine = create_async_engine(url, poolclass=pool.NullPool)
     try:
-        async with engine.begin() as conn:
+        async with engine.connect() as conn:
             await conn.run_sync(run_on)
     finally:
         await engine.dispose()
@@ -90,7 +98,7 @@ def run_online() -> None:
         return
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
-        with engine.begin() as conn:
+        with engine.connect() as conn:
             run_on(conn)
     finally:
         engine.dispose()
