@@ -219,8 +219,11 @@ def test_migrate_sql_prints_offline_sql_without_touching_the_database(
     else:
         assert tables(empty_url) == set()
         # Built without blocking writes, outside the migration's transaction.
-        commit, build = out.index("COMMIT;"), out.index(
-            "CREATE INDEX CONCURRENTLY ix_sessions_expires_at ON sessions (expires_at) WHERE"
+        commit, build = (
+            out.index("COMMIT;"),
+            out.index(
+                "CREATE INDEX CONCURRENTLY ix_sessions_expires_at ON sessions (expires_at) WHERE"
+            ),
         )
         assert commit < build
 
