@@ -13,11 +13,14 @@ Create Date: 2026-12-02
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.util import await_only
+from sqlalchemy.util.concurrency import in_greenlet
 
 revision = "0002"
 down_revision = "0001"
@@ -34,6 +37,14 @@ def _add_column(schema: str | None) -> None:
     op.add_column("sessions", sa.Column("expires_at", sa.DateTime(timezone=True)), schema=schema)
 
 
+def _pause(seconds: float) -> None:
+    """Sleep without blocking the event loop when run through an async engine."""
+    if in_greenlet():
+        await_only(asyncio.sleep(seconds))
+    else:
+        time.sleep(seconds)
+
+
 def _add_column_waiting_briefly(schema: str | None) -> None:
     connection = op.get_bind()
     for attempt in range(1, LOCK_ATTEMPTS + 1):
@@ -46,7 +57,7 @@ def _add_column_waiting_briefly(schema: str | None) -> None:
             sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
             if sqlstate != _LOCK_NOT_AVAILABLE or attempt == LOCK_ATTEMPTS:
                 raise
-            time.sleep(min(0.05 * attempt, 1.0))  # let the transaction holding the table end
+            _pause(min(0.05 * attempt, 1.0))  # let the transaction holding the table end
             continue
         savepoint.commit()
         connection.exec_driver_sql("SET LOCAL lock_timeout = DEFAULT")
