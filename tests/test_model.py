@@ -1,4 +1,4 @@
-"""Model-based testing: random sequences of every protocol and batch operation on
+"""Model-based testing: random sequences of every protocol, batch and expiry operation on
 SQLAlchemyBackend (SQLite and PostgreSQL), each result checked against MemoryBackend.
 
 Runs SESSIONS_SQL_MODEL_EXAMPLES sequences per database (default 200).
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from sqlalchemy import text
 
-from sessions_sql import MemoryBackend, SQLAlchemyBackend
+from sessions_sql import KEEP, MemoryBackend, SQLAlchemyBackend
 
 T = TypeVar("T")
 
@@ -25,6 +25,11 @@ EXAMPLES = int(os.environ.get("SESSIONS_SQL_MODEL_EXAMPLES", "200"))
 ids = st.sampled_from(["s1", "s2", "ünïcödé", "🎉 party", "a'b; --", "x" * 255])
 keys = st.sampled_from(["k", "key two", "ключ", "%(k)s", "", "k" * 255]).filter(bool)
 values = st.binary(max_size=64) | st.sampled_from([b"", b"\x00", bytes(range(256))])
+# Expiries around a fixed "now" (so that strictly-before is exercised at its edge), none, and
+# left out (KEEP).
+NOW = 2_000_000_000
+expiries = st.sampled_from([None, 0, NOW - 1, NOW, NOW + 1, 4_000_000_000])
+expiries_or_keep = st.sampled_from([KEEP]) | expiries
 
 
 class BackendMachine(RuleBasedStateMachine):
@@ -53,13 +58,55 @@ class BackendMachine(RuleBasedStateMachine):
         assert real == model, method
         return real
 
-    @rule(sid=ids, key=keys, value=values)
-    def write_value(self, sid: str, key: str, value: bytes) -> None:
-        self.both("write_value", sid, key, value)
+    def both_kw(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        real = self.run(getattr(self.real, method)(*args, **kwargs))
+        model = self.run(getattr(self.model, method)(*args, **kwargs))
+        assert real == model, method
+        return real
 
-    @rule(sid=ids, mapping=st.dictionaries(keys, values, max_size=4))
-    def write_values(self, sid: str, mapping: dict[str, bytes]) -> None:
-        self.both("write_values", sid, mapping)
+    @rule(sid=ids, key=keys, value=values, expires_at=expiries_or_keep)
+    def write_value(self, sid: str, key: str, value: bytes, expires_at: Any) -> None:
+        self.both_kw("write_value", sid, key, value, expires_at=expires_at)
+
+    @rule(sid=ids, mapping=st.dictionaries(keys, values, max_size=4), expires_at=expiries_or_keep)
+    def write_values(self, sid: str, mapping: dict[str, bytes], expires_at: Any) -> None:
+        self.both_kw("write_values", sid, mapping, expires_at=expires_at)
+
+    @rule(
+        sid=ids,
+        mapping=st.dictionaries(keys, values, max_size=3),
+        remove=st.lists(keys, max_size=3),
+        expires_at=expiries_or_keep,
+    )
+    def update_session(
+        self, sid: str, mapping: dict[str, bytes], remove: list[str], expires_at: Any
+    ) -> None:
+        remove = [key for key in remove if key not in mapping]
+        self.both_kw("update_session", sid, mapping, remove=remove, expires_at=expires_at)
+
+    @rule(sid=ids, expires_at=expiries)
+    def set_session_expiry(self, sid: str, expires_at: int | None) -> None:
+        self.both("set_session_expiry", sid, expires_at)
+
+    @rule(sid=ids)
+    def get_session_expiry(self, sid: str) -> None:
+        self.both("get_session_expiry", sid)
+
+    @rule(sid=ids)
+    def read_session(self, sid: str) -> None:
+        real = self.run(self.real.read_session(sid))
+        model = self.run(self.model.read_session(sid))
+        assert (real is None) == (model is None)
+        if real is not None and model is not None:
+            assert (real.expires_at, real.values) == (model.expires_at, model.values)
+            assert real.created_at == self.run(self.real.get_session_age(sid))
+
+    @rule(now=st.sampled_from([NOW - 1, NOW, NOW + 0.5, NOW + 1, NOW + 2]))
+    def remove_expired_sessions(self, now: float) -> None:
+        self.both_kw("remove_expired_sessions", now, batch_size=2)
+        for sid in list(self.created):
+            if sid not in self.run(self.model.get_sessions()):
+                del self.created[sid]
 
     @rule(sid=ids, key=keys)
     def read_value(self, sid: str, key: str) -> None:

@@ -615,3 +615,87 @@ async def test_cancelled_calls_leave_pool_and_data_sound(db_url: str, owned: boo
         await engine.dispose()
         await backend.close()
         await backend.engine.dispose()
+
+
+# 6. Writers extending expiries while the collector removes expired sessions.
+
+EXPIRING = 100  # sessions per group
+FAR = 4_000_000_000  # an expiry far in the future
+
+
+async def test_expiry_extensions_racing_the_collector(db_url: str) -> None:
+    """Every session starts expired (expiry NOW - 1). Group A is extended before the
+    collector starts, group B while it removes expired sessions in small batches, group C
+    never. Writers keep extending A and B (set_session_expiry, or update_session with values
+    and the new expiry; each writer its own sessions) through the whole race. No call fails;
+    no session of A is ever removed (A's values are all there, with the far expiry); every
+    session of B that is left has the far expiry and its last acknowledged value (an
+    update_session after the removal creates it anew); every session of C is removed."""
+    fake_now = 2_000_000_000
+    groups = {g: [f"{g}{i}" for i in range(EXPIRING)] for g in "ABC"}
+    backend = SQLAlchemyBackend.from_url(db_url)
+    collector = SessionCollector(
+        backend, period=timedelta(seconds=1), clock=lambda: fake_now, batch_size=EXPIRED_BATCH
+    )
+    last: dict[str, bytes] = {}
+    stop = asyncio.Event()
+    removed: list[int] = []
+    rng = random.Random(6)
+    extenders_n = 6
+    try:
+        for group in groups.values():
+            await asyncio.gather(
+                *(backend.write_values(s, {"v": b"0"}, expires_at=fake_now - 1) for s in group)
+            )
+        for sid in groups["A"]:
+            await backend.set_session_expiry(sid, FAR)
+            last[sid] = b"0"
+
+        async def extender(n: int) -> None:
+            own = (groups["A"] + groups["B"])[n::extenders_n]
+            i = 0
+            while not stop.is_set():
+                i += 1
+                sid = rng.choice(own)
+                if i % 2:
+                    await backend.set_session_expiry(sid, FAR)
+                else:
+                    value = b"%d-%d" % (n, i)
+                    await backend.update_session(sid, {"v": value}, expires_at=FAR)
+                    last[sid] = value
+                if sid.startswith("A"):
+                    assert await backend.get_session_expiry(sid) == FAR
+
+        async def collect() -> None:
+            deadline = now() + int(RACE_BUDGET * 1e9)
+            while now() < deadline:
+                removed.append(await collector.collect())
+                await asyncio.sleep(0)
+
+        extenders = [asyncio.create_task(extender(n)) for n in range(extenders_n)]
+        try:
+            await guard(collect(), "the collector")
+        finally:
+            stop.set()
+            await guard(asyncio.gather(*extenders), "the extenders")
+        removed.append(await collector.collect())  # writers done: a last pass
+
+        async def snapshot(sid: str) -> Any:
+            return await backend.read_session(sid)
+
+        left = {sid: await snapshot(sid) for group in groups.values() for sid in group}
+        for sid in groups["A"]:
+            session = left[sid]
+            assert session is not None, "a session extended before the collector was removed"
+            assert (session.expires_at, session.values) == (FAR, {"v": last[sid]})
+        for sid in groups["B"]:
+            session = left[sid]
+            if session is not None:
+                assert session.expires_at == FAR
+                assert session.values == {"v": last.get(sid, b"0")}
+        assert all(left[sid] is None for sid in groups["C"])
+        gone = sum(session is None for session in left.values())
+        assert sum(removed) >= gone >= EXPIRING  # all of C, and B sessions taken first
+        assert len(removed) > 2
+    finally:
+        await backend.close()

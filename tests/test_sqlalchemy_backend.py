@@ -56,6 +56,16 @@ class CheckoutCounter:
         self.count += 1
 
 
+class Kw(dict[str, Any]):
+    """Keyword arguments, as the last of a call's arguments in the tables below."""
+
+
+def call(backend: Any, method: str, args: tuple[Any, ...]) -> Any:
+    if args and isinstance(args[-1], Kw):
+        return getattr(backend, method)(*args[:-1], **args[-1])
+    return getattr(backend, method)(*args)
+
+
 BATCH_BAD_INPUTS: list[tuple[str, tuple[Any, ...], type[Exception], str]] = [
     ("read_values", (None,), TypeError, "session_id"),
     ("read_values", ("\udcff",), ValueError, "session_id"),
@@ -73,6 +83,21 @@ BATCH_BAD_INPUTS: list[tuple[str, tuple[Any, ...], type[Exception], str]] = [
     ("remove_sessions_created_before", (None,), TypeError, "cutoff"),
     ("remove_sessions_created_before", (1e300,), ValueError, "cutoff"),
     ("remove_sessions_created_before", (-1e300,), ValueError, "cutoff"),
+    ("read_session", (None,), TypeError, "session_id"),
+    ("get_session_expiry", ("",), ValueError, "session_id"),
+    ("set_session_expiry", ("sid", True), TypeError, "expires_at"),
+    ("set_session_expiry", ("sid", 1.5), TypeError, "expires_at"),
+    ("set_session_expiry", ("sid", -1), ValueError, "expires_at"),
+    ("set_session_expiry", ("sid", datetime(2030, 1, 1)), ValueError, "expires_at"),
+    ("set_session_expiry", ("x" * 256, None), ValueError, "session_id"),
+    ("update_session", ("sid", {"k": b"v"}, Kw(remove=["k"])), ValueError, "written and removed"),
+    ("update_session", ("sid", {"k": "text"}), TypeError, "values"),
+    ("update_session", ("sid", None, Kw(remove="k")), TypeError, "remove"),
+    ("update_session", ("sid", {"k": b"v"}, Kw(expires_at=10**13)), ValueError, "expires_at"),
+    ("write_value", ("sid", "k", b"v", Kw(expires_at=False)), TypeError, "expires_at"),
+    ("remove_expired_sessions", ("soon",), TypeError, "now"),
+    ("remove_expired_sessions", (float("nan"),), ValueError, "now"),
+    ("remove_expired_sessions", (datetime(2030, 1, 1),), ValueError, "now"),
 ]
 
 
@@ -88,7 +113,7 @@ async def test_bad_input_runs_no_sql(
     await backend.write_value("sid", "k", b"kept")
     counter = CheckoutCounter(engine)
     with pytest.raises(error, match=parameter):
-        await getattr(backend, method)(*args)
+        await call(backend, method, args)
     assert counter.count == 0
     await backend.read_value("sid", "k")
     assert counter.count == 1  # the counter sees the backend's calls
@@ -370,6 +395,35 @@ async def test_expiry_batch_scans_no_whole_table(pg_backend: SQLAlchemyBackend) 
     assert await pg_backend.remove_sessions_created_before(cutoff) == 25000
 
 
+async def test_expired_batch_goes_through_the_expiry_index(pg_backend: SQLAlchemyBackend) -> None:
+    """remove_expired_sessions finds a batch through the partial expiry index, among many
+    sessions without an expiry, and deletes it through the primary key."""
+    async with pg_backend.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO sessions (id, expires_at) SELECT 's' || i, CASE WHEN i % 10 = 0 "
+                "THEN now() - interval '1 hour' END FROM generate_series(1, 50000) AS i"
+            )
+        )
+        await conn.execute(text("ANALYZE sessions"))
+    (statement,) = pg_backend._compiled[pg_backend._sql.remove_expired]
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    async with pg_backend.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        rows = await raw.driver_connection.fetch(f"EXPLAIN {statement.sql}", now, 5000)
+    plan = "\n".join(row[0] for row in rows)
+    assert "Seq Scan" not in plan, plan
+    assert "ix_sessions_expires_at" in plan, plan
+    assert "pk_sessions" in plan, plan
+    progress: list[int] = []
+    removed = await pg_backend.remove_expired_sessions(
+        now, batch_size=2000, progress=progress.append
+    )
+    assert removed == 5000
+    assert progress == [2000, 4000, 5000]
+    assert await scalar(pg_backend.engine, "SELECT count(*) FROM sessions") == 45000
+
+
 async def test_schema_option(fresh_postgres_url: str) -> None:
     url = fresh_postgres_url
     await migrate(url, schema="auth")
@@ -389,7 +443,8 @@ async def test_schema_option(fresh_postgres_url: str) -> None:
 
 
 async def test_one_round_trip_per_read_and_write(postgres_url: str) -> None:
-    """write_value and read_value each cost one round trip once warm (counted on the wire)."""
+    """Every single-session operation costs one round trip once warm (counted on the wire),
+    saving a web request's changes (values written, keys removed, a new expiry) included."""
     async with (
         counting_round_trips(postgres_url) as (proxy, proxied),
         SQLAlchemyBackend.from_url(proxied, pool_size=1, max_overflow=0) as backend,
@@ -402,6 +457,15 @@ async def test_one_round_trip_per_read_and_write(postgres_url: str) -> None:
             "remove_value": lambda: backend.remove_value("rt", "a"),
             "remove_values": lambda: backend.remove_values("rt", ["a", "b"]),
             "get_session_age": lambda: backend.get_session_age("rt"),
+            "write_value with expiry": lambda: backend.write_value("rt", "k", b"v", expires_at=1),
+            "read_session": lambda: backend.read_session("rt"),
+            "update_session": lambda: backend.update_session(
+                "rt", {"a": b"1", "b": b"2"}, remove=["k", "c"], expires_at=2_000_000_000
+            ),
+            "update_session, expiry only": lambda: backend.update_session("rt", expires_at=None),
+            "update_session, removal only": lambda: backend.update_session("rt", remove=["a"]),
+            "set_session_expiry": lambda: backend.set_session_expiry("rt", 2_000_000_000),
+            "get_session_expiry": lambda: backend.get_session_expiry("rt"),
             "remove_session": lambda: backend.remove_session("rt"),
         }
         for call in calls.values():  # warm up: connect, prepare statements
