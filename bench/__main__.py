@@ -36,7 +36,7 @@ from sessions_sql import SQLAlchemyBackend, migrate
 from sessions_sql._backend import DEFAULT_BATCH_SIZE
 
 from ._db import Admin, PostgresAdmin, SQLiteAdmin, asyncpg_dsn, ensure_database, sqlalchemy_url
-from ._gc import run_gc
+from ._gc import KINDS, run_gc
 from ._raw import RawPostgres, RawSQLite, Store
 from ._report import OpResult, format_table, format_targets, targets
 from ._workload import OPERATIONS, Sample, Workload, run_round
@@ -170,10 +170,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--gc-values", type=int, default=5, help="values per GC session (5)")
     p.add_argument(
+        "--gc-kinds",
+        type=_csv(KINDS),
+        default=list(KINDS),
+        help="what the GC removes by: created (creation time), expired (expiry) "
+        f"(default: {','.join(KINDS)})",
+    )
+    p.add_argument(
         "--gc-batch-size",
         type=int,
         default=DEFAULT_BATCH_SIZE,
-        help=f"batch size of remove_sessions_created_before ({DEFAULT_BATCH_SIZE})",
+        help=f"batch size of the GC's removals ({DEFAULT_BATCH_SIZE})",
     )
     p.add_argument(
         "--gc-baseline",
@@ -342,9 +349,21 @@ async def check_equivalence(t: Target, w: Workload) -> None:
     await raw.remove_value("eq-a", "eq-2")
     await sql.remove_value("eq-b", "eq-2")
     pairs.append((await sql.read_values("eq-a"), await raw.read_values("eq-b"), {}))
+    await raw.set_session_expiry("eq-a", 2_000_000_000)
+    await sql.set_session_expiry("eq-b", 2_000_000_000)
+    await raw.update_session("eq-a", {"eq-3": b"3"}, remove=["eq-k"], expires_at=2_000_000_001)
+    await sql.update_session("eq-b", {"eq-3": b"3"}, remove=["eq-k"], expires_at=2_000_000_001)
+    raw_a, sql_a = await raw.read_session("eq-a"), await sql.read_session("eq-a")
+    raw_b, sql_b = await raw.read_session("eq-b"), await sql.read_session("eq-b")
+    assert raw_a is not None and raw_b is not None
+    pairs.append((raw_a, sql_a, raw_a))
+    pairs.append((raw_b, sql_b, raw_b))
+    shape = ((raw_a.expires_at, raw_a.values), (sql_b.expires_at, sql_b.values))  # type: ignore[union-attr]
+    pairs.append((shape, shape, ((2_000_000_001, {"eq-3": b"3"}),) * 2))
     await raw.remove_session("eq-a")
     await sql.remove_session("eq-b")
     pairs.append((await sql.get_session_age("eq-a"), await raw.get_session_age("eq-b"), None))
+    pairs.append((await raw.read_session("eq-b"), await sql.read_session("eq-a"), None))
     for n, (got_raw, got_sql, expected) in enumerate(pairs):
         if not got_raw == got_sql == expected:
             raise AssertionError(f"{t.db}: raw and sessions_sql differ (check {n})")
@@ -488,10 +507,41 @@ async def _listing(sa_url: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def bench_gc(t: Target, args: argparse.Namespace, w: Workload, kind: str) -> dict[str, Any]:
+    """One GC run of ``kind`` (by creation time or by expiry), retried after a failure."""
+    what = "old" if kind == "created" else "expired"
+    log(f"postgresql: GC of {args.gc_sessions:,} {what} sessions among as many live ones")
+    for attempt in range(1, ATTEMPTS + 1):
+        assert isinstance(t.admin, PostgresAdmin)
+        try:
+            outcome = await run_gc(
+                t.sa_url,
+                t.admin.conn,
+                n=args.gc_sessions,
+                keys=args.gc_values,
+                value=w.value,
+                writers=args.gc_writers,
+                baseline_seconds=args.gc_baseline,
+                batch_size=args.gc_batch_size,
+                kind=kind,
+            )
+            break
+        except Exception as error:
+            if attempt == ATTEMPTS:
+                raise
+            await t.recover(f"gc {kind}", error)
+    gc = outcome.as_dict()
+    log(
+        f"postgresql: GC by {kind} {gc['sessions_per_s']:,.0f} sessions/s, write p99 "
+        f"{gc['write_p99_ms_during']:.1f} ms during the GC"
+    )
+    return gc
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     w = Workload(args.sessions, args.keys, args.value_size)
     results: list[OpResult] = []
-    gc: dict[str, Any] | None = None
+    gcs: dict[str, dict[str, Any]] = {}
     listings: list[dict[str, Any]] = []
     server_version = None
     with tempfile.TemporaryDirectory(prefix="sessions_sql_bench_") as directory:
@@ -507,33 +557,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await t.close_raw()
                 await t.sql.close()
                 if db == "postgresql" and "gc" in args.parts and args.gc_sessions > 0:
-                    log(
-                        f"postgresql: GC of {args.gc_sessions:,} expired sessions "
-                        f"among as many live ones (loading data)"
-                    )
-                    for attempt in range(1, ATTEMPTS + 1):
-                        assert isinstance(t.admin, PostgresAdmin)
-                        try:
-                            outcome = await run_gc(
-                                t.sa_url,
-                                t.admin.conn,
-                                n=args.gc_sessions,
-                                keys=args.gc_values,
-                                value=w.value,
-                                writers=args.gc_writers,
-                                baseline_seconds=args.gc_baseline,
-                                batch_size=args.gc_batch_size,
-                            )
-                            break
-                        except Exception as error:
-                            if attempt == ATTEMPTS:
-                                raise
-                            await t.recover("gc", error)
-                    gc = outcome.as_dict()
-                    log(
-                        f"postgresql: GC {gc['sessions_per_s']:,.0f} sessions/s, write p99 "
-                        f"{gc['write_p99_ms_during']:.1f} ms during the GC"
-                    )
+                    for kind in args.gc_kinds:
+                        gcs[kind] = await bench_gc(t, args, w, kind)
                 if "listing" in args.parts and args.listing_sessions > 0:
                     log(f"{db}: listing {args.listing_sessions:,} sessions")
                     for attempt in range(1, ATTEMPTS + 1):
@@ -554,10 +579,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await t.admin.close()
     return {
         "results": results,
-        "gc": gc,
+        "gc": gcs.get("created"),
+        "gc_expired": gcs.get("expired"),
         "listings": listings,
         "server_version": server_version,
     }
+
+
+def format_gc(gc: dict[str, Any]) -> str:
+    what = "old" if gc["kind"] == "created" else "expired"
+    return (
+        f"\nGC by {gc['kind']} (postgresql): removed {gc['removed']:,} {what} sessions x "
+        f"{gc['values_per_session']} values among {gc['live']:,} live ones in "
+        f"{gc['seconds']:.1f} s = {gc['sessions_per_s']:,.0f} sessions/s "
+        f"({gc['batches']} batches of {gc['batch_size']}, slowest {gc['max_batch_ms']:.0f} ms)"
+        f"\n  write_value from {gc['writers']} tasks: before GC p50 "
+        f"{gc['write_p50_ms_before']:.2f} / p99 {gc['write_p99_ms_before']:.2f} ms; during "
+        f"GC p50 {gc['write_p50_ms_during']:.2f} / p99 {gc['write_p99_ms_during']:.2f} ms "
+        f"/ max {gc['write_max_ms_during']:.1f} ms ({gc['write_ops_during']:,} writes)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -570,20 +610,12 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - clock
     results: list[OpResult] = outcome["results"]
     gc, listings = outcome["gc"], outcome["listings"]
-    report = targets(results, gc, listings)
+    report = targets(results, gc, listings, outcome["gc_expired"])
 
     print(format_table(results))
-    if gc is not None:
-        print(
-            f"\nGC (postgresql): removed {gc['removed']:,} expired sessions x "
-            f"{gc['values_per_session']} values among {gc['live']:,} live ones in "
-            f"{gc['seconds']:.1f} s = {gc['sessions_per_s']:,.0f} sessions/s "
-            f"({gc['batches']} batches of {gc['batch_size']}, slowest {gc['max_batch_ms']:.0f} ms)"
-            f"\n  write_value from {gc['writers']} tasks: before GC p50 "
-            f"{gc['write_p50_ms_before']:.2f} / p99 {gc['write_p99_ms_before']:.2f} ms; during "
-            f"GC p50 {gc['write_p50_ms_during']:.2f} / p99 {gc['write_p99_ms_during']:.2f} ms "
-            f"/ max {gc['write_max_ms_during']:.1f} ms ({gc['write_ops_during']:,} writes)"
-        )
+    for gc_run in (gc, outcome["gc_expired"]):
+        if gc_run is not None:
+            print(format_gc(gc_run))
     for x in listings:
         print(
             f"\nlisting ({x['db']}): {x['sessions']:,} sessions with iter_sessions(batch_size="
@@ -618,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             "incidents": INCIDENTS,
             "results": [r.as_dict() for r in results],
             "gc": gc,
+            "gc_expired": outcome["gc_expired"],
             "listings": listings,
             "targets": report,
         }

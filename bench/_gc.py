@@ -1,11 +1,14 @@
-"""Garbage collection on PostgreSQL: ``remove_sessions_created_before`` on a large table while
-other tasks keep writing to live sessions.
+"""Garbage collection on PostgreSQL on a large table while other tasks keep writing to live
+sessions, by creation time (``remove_sessions_created_before``) or by expiry
+(``remove_expired_sessions``).
 
 The data is generated inside the server (``INSERT ... SELECT generate_series``): ``2 * n``
-sessions with random-looking ids (``md5(i)``), the even ones created two days ago (expired),
-the odd ones within the last hour (live), each with ``keys`` values. The collector removes the
-``n`` expired sessions (and, by cascade, their values) with the default batch size, while
-``writers`` tasks overwrite values of live sessions in a loop through the same backend.
+sessions with random-looking ids (``md5(i)``), each with ``keys`` values. For the
+``created`` kind the even ones were created two days ago (old), the odd ones within the last
+hour; for the ``expired`` kind all were created within the last hour, the even ones expired
+an hour ago and the odd ones expire tomorrow. The collector removes the ``n`` even sessions
+(and, by cascade, their values) with the default batch size, while ``writers`` tasks
+overwrite values of live sessions in a loop through the same backend.
 """
 
 from __future__ import annotations
@@ -26,24 +29,36 @@ from sessions_sql._backend import DEFAULT_BATCH_SIZE
 
 from ._workload import percentile
 
-__all__ = ["GCResult", "load_gc_data", "run_gc"]
+__all__ = ["KINDS", "GCResult", "load_gc_data", "run_gc"]
+
+#: What makes a session collectable: its creation time, or its expiry.
+KINDS = ("created", "expired")
+
+_SESSIONS = {
+    "created": "INSERT INTO sessions (id, created_at) "
+    "SELECT md5(i::text), CASE WHEN i % 2 = 0 "
+    "  THEN now() - interval '2 days' - i * interval '10 ms' "
+    "  ELSE now() - i * interval '1 ms' END "
+    "FROM generate_series(0, $1::int - 1) AS i",
+    "expired": "INSERT INTO sessions (id, created_at, expires_at) "
+    "SELECT md5(i::text), now() - i * interval '1 ms', CASE WHEN i % 2 = 0 "
+    "  THEN now() - interval '1 hour' - i * interval '10 ms' "
+    "  ELSE now() + interval '1 day' + i * interval '1 ms' END "
+    "FROM generate_series(0, $1::int - 1) AS i",
+}
 
 
-async def load_gc_data(conn: asyncpg.Connection, n: int, keys: int, value: bytes) -> float:
-    """Replace all data with ``n`` expired and ``n`` live sessions; return the seconds taken."""
+async def load_gc_data(
+    conn: asyncpg.Connection, n: int, keys: int, value: bytes, kind: str = "created"
+) -> float:
+    """Replace all data with ``n`` collectable and ``n`` live sessions; return the seconds
+    taken."""
     start = time.perf_counter()
     await conn.execute("TRUNCATE session_values, sessions")
     async with conn.transaction():
         # The rows are consistent by construction: skip the per-row foreign-key triggers.
         await conn.execute("SET LOCAL session_replication_role = replica")
-        await conn.execute(
-            "INSERT INTO sessions (id, created_at) "
-            "SELECT md5(i::text), CASE WHEN i % 2 = 0 "
-            "  THEN now() - interval '2 days' - i * interval '10 ms' "
-            "  ELSE now() - i * interval '1 ms' END "
-            "FROM generate_series(0, $1::int - 1) AS i",
-            2 * n,
-        )
+        await conn.execute(_SESSIONS[kind], 2 * n)
         await conn.execute(
             "INSERT INTO session_values (session_id, key, value) "
             "SELECT md5(i::text), 'k' || k, $3::bytea "
@@ -65,6 +80,7 @@ def live_session(n: int, rng: random.Random) -> str:
 
 @dataclass(frozen=True)
 class GCResult:
+    kind: str
     expired: int
     live: int
     values_per_session: int
@@ -99,12 +115,13 @@ async def run_gc(
     writers: int,
     baseline_seconds: float,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    kind: str = "created",
 ) -> GCResult:
-    load_seconds = await load_gc_data(conn, n, keys, value)
+    load_seconds = await load_gc_data(conn, n, keys, value, kind)
     backend = SQLAlchemyBackend.from_url(sa_url, pool_size=writers + 2, max_overflow=0)
     try:
         return await _collect(
-            backend, conn, n, keys, value, writers, baseline_seconds, batch_size, load_seconds
+            backend, conn, kind, n, keys, value, writers, baseline_seconds, batch_size, load_seconds
         )
     finally:
         await backend.close()
@@ -113,6 +130,7 @@ async def run_gc(
 async def _collect(
     backend: SQLAlchemyBackend,
     conn: asyncpg.Connection,
+    kind: str,
     n: int,
     keys: int,
     value: bytes,
@@ -144,13 +162,20 @@ async def _collect(
         phase = "during"
 
         batch_ends: list[float] = []
-        cutoff = datetime.now(timezone.utc) - timedelta(days=1)
+
+        def progress(_count: int) -> None:
+            batch_ends.append(time.perf_counter())
+
         start = time.perf_counter()
-        removed = await backend.remove_sessions_created_before(
-            cutoff,
-            batch_size=batch_size,
-            progress=lambda _count: batch_ends.append(time.perf_counter()),
-        )
+        if kind == "created":
+            cutoff = datetime.now(timezone.utc) - timedelta(days=1)
+            removed = await backend.remove_sessions_created_before(
+                cutoff, batch_size=batch_size, progress=progress
+            )
+        else:
+            removed = await backend.remove_expired_sessions(
+                batch_size=batch_size, progress=progress
+            )
         seconds = time.perf_counter() - start
     finally:
         stop.set()
@@ -162,6 +187,7 @@ async def _collect(
     during = sorted(latencies["during"])
     live_left: int = await conn.fetchval("SELECT count(*) FROM sessions")
     return GCResult(
+        kind=kind,
         expired=n,
         live=n,
         values_per_session=keys,

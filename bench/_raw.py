@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import aiosqlite
 import asyncpg  # type: ignore[import-untyped]
 
+from sessions_sql import SessionSnapshot
+
 from ._sql import PG, SQLITE
 
 __all__ = ["RawPostgres", "RawSQLite", "Store"]
@@ -43,6 +45,31 @@ class Store(Protocol):
     async def read_values(self, session_id: str) -> dict[str, bytes]: ...
     async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None: ...
     async def remove_values(self, session_id: str, keys: Iterable[str]) -> None: ...
+    async def read_session(self, session_id: str) -> SessionSnapshot | None: ...
+    async def set_session_expiry(self, session_id: str, expires_at: int | None) -> None: ...
+    async def update_session(
+        self,
+        session_id: str,
+        values: Mapping[str, bytes],
+        *,
+        remove: Iterable[str],
+        expires_at: int | None,
+    ) -> None: ...
+
+
+def _moment(seconds: int | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def _seconds(moment: datetime | None) -> int | None:
+    return None if moment is None else calendar.timegm(moment.utctimetuple())
+
+
+def _snapshot(rows: list[Any], created: Any, expires: Any) -> SessionSnapshot | None:
+    if not rows:
+        return None
+    values = {row[2]: row[3] for row in rows if row[2] is not None}
+    return SessionSnapshot(created(rows[0][0]), expires(rows[0][1]), values)
 
 
 async def _no_reset(connection: asyncpg.Connection) -> None:
@@ -79,7 +106,7 @@ class RawPostgres:
         return value
 
     async def write_value(self, session_id: str, key: str, value: bytes) -> None:
-        await self._pool.execute(PG.write_value, session_id, key, value)
+        await self._pool.execute(PG.write_value, session_id, None, False, key, value)
 
     async def remove_value(self, session_id: str, key: str) -> None:
         await self._pool.execute(PG.remove_value, session_id, key)
@@ -89,10 +116,37 @@ class RawPostgres:
         return {row[0]: row[1] for row in rows}
 
     async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None:
-        await self._pool.execute(PG.write_values, session_id, list(values), list(values.values()))
+        await self._pool.execute(
+            PG.update_session, session_id, None, list(values), False, [], list(values.values())
+        )
 
     async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
         await self._pool.execute(PG.remove_values, session_id, list(keys))
+
+    async def read_session(self, session_id: str) -> SessionSnapshot | None:
+        rows = await self._pool.fetch(PG.read_session, session_id)
+        return _snapshot(rows, _seconds, _seconds)
+
+    async def set_session_expiry(self, session_id: str, expires_at: int | None) -> None:
+        await self._pool.execute(PG.set_session_expiry, _moment(expires_at), session_id)
+
+    async def update_session(
+        self,
+        session_id: str,
+        values: Mapping[str, bytes],
+        *,
+        remove: Iterable[str],
+        expires_at: int | None,
+    ) -> None:
+        await self._pool.execute(
+            PG.update_session,
+            session_id,
+            _moment(expires_at),
+            list(values),
+            True,
+            list(remove),
+            list(values.values()),
+        )
 
 
 async def open_sqlite(path: str, timeout: float) -> aiosqlite.Connection:
@@ -105,6 +159,16 @@ async def open_sqlite(path: str, timeout: float) -> aiosqlite.Connection:
 def _sqlite_timestamp(text: str) -> int:
     # SQLite's CURRENT_TIMESTAMP text is UTC.
     return calendar.timegm(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).utctimetuple())
+
+
+def _sqlite_optional(text: str | None) -> int | None:
+    return None if text is None else _sqlite_timestamp(text)
+
+
+def _sqlite_time(seconds: int | None) -> str | None:
+    # Times are stored as CURRENT_TIMESTAMP writes them (UTC text).
+    moment = _moment(seconds)
+    return None if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 class RawSQLite:
@@ -173,13 +237,43 @@ class RawSQLite:
 
     async def write_value(self, session_id: str, key: str, value: bytes) -> None:
         await self._transaction(
-            (SQLITE.new_session, (session_id,)),
+            (SQLITE.new_session, (session_id, None, True, False)),
             (SQLITE.upsert_value, (session_id, key, value)),
         )
 
     async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None:
-        rows = [(session_id, key, value) for key, value in values.items()]
-        await self._transaction((SQLITE.new_session, (session_id,)), (SQLITE.upsert_value, rows))
+        await self.update_session(session_id, values, remove=(), expires_at=None, set_expiry=False)
+
+    async def read_session(self, session_id: str) -> SessionSnapshot | None:
+        rows = await self._fetch(SQLITE.read_session, (session_id,))
+        return _snapshot(rows, _sqlite_timestamp, _sqlite_optional)
+
+    async def set_session_expiry(self, session_id: str, expires_at: int | None) -> None:
+        await self._fetch(SQLITE.set_session_expiry, (_sqlite_time(expires_at), session_id))
+
+    async def update_session(
+        self,
+        session_id: str,
+        values: Mapping[str, bytes],
+        *,
+        remove: Iterable[str],
+        expires_at: int | None,
+        set_expiry: bool = True,
+    ) -> None:
+        """The backend's update_session script: the session row (created, or its expiry
+        set), then the removed keys and the written values, executemany each."""
+        create, expiry = bool(values), _sqlite_time(expires_at)
+        removed = [(session_id, key) for key in remove]
+        written = [(session_id, key, value) for key, value in values.items()]
+        steps: list[tuple[str, Any]] = [
+            (SQLITE.new_session, (session_id, expiry, create, set_expiry)),
+            (SQLITE.touch_session, (expiry, session_id, set_expiry, create)),
+        ]
+        if removed:
+            steps.append((SQLITE.remove_value, removed))
+        if written:
+            steps.append((SQLITE.upsert_value, written))
+        await self._transaction(*steps)
 
     async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
         rows = [(session_id, key) for key in dict.fromkeys(keys)]

@@ -17,7 +17,7 @@ from sqlalchemy.engine.interfaces import Dialect as SADialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
-from sessions_sql._dialects import Script, dialect_for
+from sessions_sql._dialects import Many, Script, dialect_for
 
 __all__ = ["PG", "SQLITE", "PostgresSQL", "SQLiteSQL"]
 
@@ -27,7 +27,8 @@ def _compile(script: Script, dialect: SADialect, *expected: tuple[str, ...]) -> 
     if len(script) != len(expected):
         raise RuntimeError(f"script has {len(script)} statements, expected {len(expected)}")
     texts = []
-    for statement, names in zip(script, expected, strict=True):
+    for item, names in zip(script, expected, strict=True):
+        statement = item.statement if isinstance(item, Many) else item
         compiled = cast(SQLCompiler, cast(ClauseElement, statement).compile(dialect=dialect))
         got = tuple(compiled.positiontup or ())
         if got != names:
@@ -49,10 +50,15 @@ class PostgresSQL:
     remove_session: str  # $1 sid (values go by ON DELETE CASCADE)
     read_value: str  # $1 sid, $2 key
     read_values: str  # $1 sid
-    write_value: str  # $1 sid, $2 key, $3 value
-    write_values: str  # $1 sid, $2 keys[], $3 values[]
+    # $1 sid, $2 expires_at, $3 set_expiry, $4 key, $5 value
+    write_value: str
+    # $1 sid, $2 expires_at, $3 keys[], $4 set_expiry, $5 remove[], $6 values[]
+    # (write_values and the combined save of a web request)
+    update_session: str
     remove_value: str  # $1 sid, $2 key
-    remove_values: str  # $1 sid, $2 keys[]
+    remove_values: str  # $1 sid, $2 remove[]
+    read_session: str  # $1 sid
+    set_session_expiry: str  # $1 expires_at, $2 sid
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,14 @@ class SQLiteSQL:
     remove_session: str  # ? sid         }
     read_value: str  # ? sid, ? key
     read_values: str  # ? sid
-    new_session: str  # ? sid                     } one transaction (write_value, write_values)
-    upsert_value: str  # ? sid, ? key, ? value    } (executemany for write_values)
+    # One transaction: write_value (new_session, upsert_value), write_values and the
+    # combined save (new_session, touch_session, remove_value and upsert_value executemany).
+    new_session: str  # ? sid, ? expires_at, ? create, ? set_expiry
+    touch_session: str  # ? expires_at, ? sid, ? set_expiry, ? create
+    upsert_value: str  # ? sid, ? key, ? value
     remove_value: str  # ? sid, ? key (executemany in a transaction for remove_values)
+    read_session: str  # ? sid
+    set_session_expiry: str  # ? expires_at, ? sid
 
 
 def _postgres() -> PostgresSQL:
@@ -78,10 +89,14 @@ def _postgres() -> PostgresSQL:
         remove_session=_one(d.remove_session, dialect, "sid"),
         read_value=_one(d.read_value, dialect, "sid", "key"),
         read_values=_one(d.read_values, dialect, "sid"),
-        write_value=_one(d.write_value, dialect, "sid", "key", "value"),
-        write_values=_one(d.write_values, dialect, "sid", "keys", "values"),
+        write_value=_one(d.write_value, dialect, "sid", "expires_at", "set_expiry", "key", "value"),
+        update_session=_one(
+            d.update_session, dialect, "sid", "expires_at", "keys", "set_expiry", "remove", "values"
+        ),
         remove_value=_one(d.remove_value, dialect, "sid", "key"),
-        remove_values=_one(d.remove_values, dialect, "sid", "keys"),
+        remove_values=_one(d.remove_values, dialect, "sid", "remove"),
+        read_session=_one(d.read_session, dialect, "sid"),
+        set_session_expiry=_one(d.set_session_expiry, dialect, "expires_at", "sid"),
     )
 
 
@@ -89,14 +104,16 @@ def _sqlite() -> SQLiteSQL:
     d = dialect_for("sqlite")
     dialect = SQLiteDialect_aiosqlite()
     remove_session_values, remove_session = _compile(d.remove_session, dialect, ("sid",), ("sid",))
-    new_session, upsert_value = _compile(d.write_value, dialect, ("sid",), ("sid", "key", "value"))
-    if _compile(d.write_values, dialect, ("sid",), ("sid", "key", "value")) != (
-        new_session,
-        upsert_value,
-    ):
-        raise RuntimeError("write_values no longer runs the statements of write_value")
+    new = ("sid", "expires_at", "create", "set_expiry")
+    new_session, upsert_value = _compile(d.write_value, dialect, new, ("sid", "key", "value"))
+    touch = ("expires_at", "sid", "set_expiry", "create")
+    update = _compile(
+        d.update_session, dialect, new, touch, ("sid", "key"), ("sid", "key", "value")
+    )
+    if (update[0], update[3]) != (new_session, upsert_value):
+        raise RuntimeError("update_session no longer runs the statements of write_value")
     remove_value = _one(d.remove_value, dialect, "sid", "key")
-    if _one(d.remove_values, dialect, "sid", "key") != remove_value:
+    if _one(d.remove_values, dialect, "sid", "key") != remove_value or update[2] != remove_value:
         raise RuntimeError("remove_values no longer runs the statement of remove_value")
     return SQLiteSQL(
         begin=d.begin,
@@ -106,8 +123,11 @@ def _sqlite() -> SQLiteSQL:
         read_value=_one(d.read_value, dialect, "sid", "key"),
         read_values=_one(d.read_values, dialect, "sid"),
         new_session=new_session,
+        touch_session=update[1],
         upsert_value=upsert_value,
         remove_value=remove_value,
+        read_session=_one(d.read_session, dialect, "sid"),
+        set_session_expiry=_one(d.set_session_expiry, dialect, "expires_at", "sid"),
     )
 
 

@@ -33,7 +33,13 @@ OPERATIONS = (
     "read_values",
     "write_values",
     "remove_values",
+    "read_session",
+    "set_session_expiry",
+    "save_session",
 )
+
+#: Expiries the benchmark sets: far in the future, so nothing it writes ever expires.
+EXPIRY_BASE = 4_000_000_000
 
 #: The i-th call of a round.
 Call = Callable[[int], Awaitable[object]]
@@ -178,6 +184,23 @@ class Workload:
 
             def call(i: int) -> Awaitable[object]:
                 return store.remove_values(scratch(i), keys)
+        elif op == "read_session":
+            # Loads a whole session (times and key_count values), as a web request does.
+            def call(i: int) -> Awaitable[object]:
+                return store.read_session(session(i))
+        elif op == "set_session_expiry":
+            # Pushes an idle expiry forward.
+            def call(i: int) -> Awaitable[object]:
+                return store.set_session_expiry(session(i), EXPIRY_BASE + i)
+        elif op == "save_session":
+            # Saves a web request's changes: one changed key, one removed key (seeded for it)
+            # and the new expiry, in one call.
+            rows = [(session(i), scratch(i), value) for i in range(n)]
+
+            def call(i: int) -> Awaitable[object]:
+                return store.update_session(
+                    session(i), {key(i): value}, remove=[scratch(i)], expires_at=EXPIRY_BASE + i
+                )
         else:
             raise ValueError(f"unknown operation {op!r}")
         return rows, call
