@@ -1,39 +1,32 @@
-"""SQLAlchemyBackend: the session protocol on an SQLAlchemy 2 ``AsyncEngine``.
+"""SQLAlchemyBackend: the session protocol and its extensions on an SQLAlchemy 2
+``AsyncEngine``.
 
-Each call validates its input, then runs one script of ``_dialects``, compiled once, on a
-connection checked out of the engine's pool, through the driver's own calls (``_drivers``):
-a single statement is its own transaction (one round trip), a longer script runs between an
-explicit BEGIN and COMMIT. Inside a host's transaction (:meth:`SQLAlchemyBackend.using`)
-the scripts run on the host's SQLAlchemy connection instead. Database errors become
-:class:`BackendError` with the driver's exception chained.
+Each method validates its input before any SQL, then hands one script of ``_dialects`` to
+the backend's :class:`~._execution.Executor` (which runs it as one transaction, retries what
+is safe to retry and maps failures to :class:`BackendError`), and turns what the script read
+into the method's result.
 """
 
 from __future__ import annotations
 
-import asyncio
 import calendar
-import collections
 import copy
-import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import SQLAlchemyError, StatementError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, PoolProxiedConnection
-from sqlalchemy.util import await_only, greenlet_spawn
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from ._dialects import Many, Params, Script, dialect_for
-from ._drivers import Outcome, Statement, compile_script, driver_for, run_script
+from ._dialects import Params, Script, dialect_for
+from ._drivers import Outcome
+from ._execution import Executor, backend_error
 from ._protocol import (
     KEEP,
-    BackendError,
     Expiry,
     Keep,
     SessionSnapshot,
@@ -49,48 +42,10 @@ from ._protocol import (
 )
 from .models import Base
 
-__all__ = ["SQLAlchemyBackend"]
-
-_T = TypeVar("_T")
-
-# A write racing the removal of its session can fail its foreign-key check (the session
-# row vanished after the statement's snapshot); running it again creates the session anew.
-_FOREIGN_KEY_VIOLATION = "23503"
-_FOREIGN_KEY_ATTEMPTS = 5
-
-# When the pool opened a connection (kept in its pool record's ``info``): a connection found
-# closed that is older than the call was dropped by the server while it sat in the pool (a
-# restart, an idle timeout), and the call is retried on another one.
-_CONNECTED_AT = "sessions_sql.connected_at"
+__all__ = ["DEFAULT_BATCH_SIZE", "SQLAlchemyBackend", "unix_seconds"]
 
 #: Default number of sessions deleted per statement and transaction by the collector.
 DEFAULT_BATCH_SIZE = 5000
-
-
-class LoopLock:
-    """An ``asyncio.Lock`` per running event loop, usable as ``async with lock:``.
-
-    A plain ``asyncio.Lock`` belongs to the first loop that waits on it; objects that may be
-    used from several loops (one per test, say) take one per loop instead.
-    """
-
-    def __init__(self) -> None:
-        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def _lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        lock = self._locks.get(loop)
-        if lock is None:
-            lock = self._locks[loop] = asyncio.Lock()
-        return lock
-
-    async def __aenter__(self) -> None:
-        await self._lock().acquire()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._lock().release()
 
 
 def unix_seconds(created_at: datetime | str) -> int:
@@ -99,95 +54,6 @@ def unix_seconds(created_at: datetime | str) -> int:
     if isinstance(created_at, str):
         created_at = datetime.fromisoformat(created_at)
     return calendar.timegm(created_at.utctimetuple())
-
-
-def _backend_error(operation: str, error: Exception) -> BackendError:
-    """A BackendError for a failed operation; the message names no id, key or value."""
-    if isinstance(error, StatementError):
-        # The chained exception must not print the statement's parameters (ids, values).
-        error.hide_parameters = True
-    if isinstance(error, PoolTimeoutError):
-        reason = "connection pool exhausted: no connection became free within the pool timeout"
-    else:
-        orig = getattr(error, "orig", None) or error
-        reason = f"the database raised {type(orig).__name__}"
-        sqlstate = getattr(orig, "sqlstate", None)
-        if sqlstate:
-            reason += f" (SQLSTATE {sqlstate})"
-    return BackendError(f"{operation} failed: {reason}")
-
-
-class _Kept:
-    """Connections a backend keeps checked out of its own engine's pool between calls.
-
-    A call takes the most recently used idle one; if none is idle it checks a new one out of
-    the pool, or, with ``pool_size`` of them kept already, waits until a call gives one back.
-    A busy backend so pays no pool checkout and no greenlet switch per call. For an engine the
-    backend owns, whose connections cannot go stale (SQLite: a thread over a local file);
-    ``close`` returns them to the pool.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._idle: list[PoolProxiedConnection] = []
-        pool_size = getattr(engine.sync_engine.pool, "size", None)  # StaticPool: one
-        self._limit = pool_size() if pool_size is not None else 1
-        self._count = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    def take_idle(self) -> PoolProxiedConnection | None:
-        """The most recently used idle connection, if there is one."""
-        return self._idle.pop() if self._idle else None
-
-    async def take(self) -> PoolProxiedConnection:
-        """An idle connection, a new one, or the next one given back."""
-        while not self._idle:
-            if self._count < self._limit:
-                self._count += 1
-                try:
-                    return await greenlet_spawn(self._engine.sync_engine.raw_connection)
-                except BaseException:
-                    self._lost()
-                    raise
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken, then cancelled: pass the turn on
-                raise
-        return self._idle.pop()
-
-    def give_back(self, connection: PoolProxiedConnection) -> None:
-        self._idle.append(connection)
-        self._wake()
-
-    async def discard(self, connection: PoolProxiedConnection, error: BaseException) -> None:
-        try:
-            await greenlet_spawn(_invalidate, connection, error)
-        finally:
-            self._lost()
-
-    def _lost(self) -> None:
-        self._count -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
-    async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        self._count -= len(idle)
-        await greenlet_spawn(_close_each, idle)
-
-
-class _StaleConnection(Exception):
-    """A pooled connection opened before the call was found closed (a server restart)."""
 
 
 # What a call reads from the outcome of its script: the rows of the last statement, or the
@@ -258,22 +124,10 @@ class SQLAlchemyBackend:
             raise ValueError("max_value_bytes must be a non-negative int or None")
         self._engine = engine
         self._sql = dialect_for(engine.dialect.name)
-        self._driver = driver_for(engine.dialect.driver)
+        self._executor = Executor(engine, self._sql, schema)
         self._schema = schema
         self._max_value_bytes = max_value_bytes
         self._owns_engine = False
-        # Options of the statements run inside a host's transaction (see using()).
-        self._bound: AsyncConnection | AsyncSession | None = None
-        self._bound_options: dict[str, Any] = {}
-        if schema is not None:
-            self._bound_options["schema_translate_map"] = {None: schema}
-        self._write_lock = LoopLock() if self._sql.single_writer else None
-        self._kept: _Kept | None = None
-        if not event.contains(engine.sync_engine, "connect", _note_connect_time):
-            event.listen(engine.sync_engine, "connect", _note_connect_time)
-        self._compiled: dict[Script, tuple[Statement, ...]] = {
-            script: compile_script(script, engine.dialect, schema) for script in self._sql.scripts()
-        }
 
     @classmethod
     def from_url(
@@ -300,7 +154,7 @@ class SQLAlchemyBackend:
             if not sqlite:
                 engine_kw.setdefault("pool_use_lifo", True)
             elif url.database not in (None, "", ":memory:"):
-                # The backend keeps its SQLite connections (see _Kept): a queue pool bounds
+                # The backend keeps its SQLite connections (see _execution): a queue pool bounds
                 # them by pool_size (SQLAlchemy 2.0 would give a file a NullPool, unbounded).
                 engine_kw["poolclass"] = AsyncAdaptedQueuePool
         always_autocommit = sqlite and "isolation_level" not in engine_kw
@@ -321,7 +175,7 @@ class SQLAlchemyBackend:
             raise
         backend._owns_engine = True
         if always_autocommit:
-            backend._kept = _Kept(engine)
+            backend._executor.keep_connections()
         return backend
 
     @property
@@ -337,8 +191,7 @@ class SQLAlchemyBackend:
     async def close(self) -> None:
         """Dispose of the engine if this backend created it (``from_url``); else do nothing."""
         if self._owns_engine:
-            if self._kept is not None:
-                await self._kept.close()
+            await self._executor.close()
             await self._engine.dispose()
 
     async def __aenter__(self) -> SQLAlchemyBackend:
@@ -353,7 +206,7 @@ class SQLAlchemyBackend:
         await self.close()
 
     def __repr__(self) -> str:
-        bound = ", in a host transaction" if self._bound is not None else ""
+        bound = ", in a host transaction" if self._executor.is_bound else ""
         return f"SQLAlchemyBackend(dialect={self._sql.name!r}, schema={self._schema!r}{bound})"
 
     def using(self, connection: AsyncConnection | AsyncSession) -> SQLAlchemyBackend:
@@ -370,7 +223,7 @@ class SQLAlchemyBackend:
                 f"not {type(connection).__name__}"
             )
         bound = copy.copy(self)
-        bound._bound = connection
+        bound._executor = self._executor.bound(connection)
         bound._owns_engine = False
         return bound
 
@@ -386,7 +239,7 @@ class SQLAlchemyBackend:
                     conn = await conn.execution_options(schema_translate_map={None: self._schema})
                 await conn.run_sync(Base.metadata.create_all)
         except (SQLAlchemyError, OSError) as error:
-            raise _backend_error("create_all", error) from error
+            raise backend_error("create_all", error) from error
 
     # The six protocol methods.
 
@@ -395,7 +248,7 @@ class SQLAlchemyBackend:
 
         For many sessions prefer :meth:`iter_sessions`, which pages through them.
         """
-        return await self._run("get_sessions", self._sql.get_sessions, {}, _scalars)
+        return await self._executor.run("get_sessions", self._sql.get_sessions, {}, _scalars)
 
     async def get_session_age(self, session_id: str) -> int | None:
         """Return the session's creation time in whole Unix seconds (UTC), or ``None``.
@@ -403,18 +256,22 @@ class SQLAlchemyBackend:
         A timestamp, not an age (the name comes from the original protocol).
         """
         params = {"sid": check_session_id(session_id)}
-        created_at = await self._run("get_session_age", self._sql.get_session_age, params, _scalar)
+        created_at = await self._executor.run(
+            "get_session_age", self._sql.get_session_age, params, _scalar
+        )
         return None if created_at is None else unix_seconds(created_at)
 
     async def remove_session(self, session_id: str) -> None:
         """Remove the session and all its values; a missing session is not an error."""
         params = {"sid": check_session_id(session_id)}
-        await self._run("remove_session", self._sql.remove_session, params, _nothing)
+        await self._executor.run("remove_session", self._sql.remove_session, params, _nothing)
 
     async def read_value(self, session_id: str, key: str) -> bytes | None:
         """Return the value under ``key``, or ``None`` if the session or the key is missing."""
         params = {"sid": check_session_id(session_id), "key": check_key(key)}
-        value: bytes | None = await self._run("read_value", self._sql.read_value, params, _scalar)
+        value: bytes | None = await self._executor.run(
+            "read_value", self._sql.read_value, params, _scalar
+        )
         return value
 
     async def write_value(
@@ -437,19 +294,19 @@ class SQLAlchemyBackend:
             "create": True,
             **self._expiry_params(expires_at),
         }
-        await self._run("write_value", self._sql.write_value, params, _nothing)
+        await self._executor.run("write_value", self._sql.write_value, params, _nothing)
 
     async def remove_value(self, session_id: str, key: str) -> None:
         """Remove one value; missing session or key is not an error, the session stays."""
         params = {"sid": check_session_id(session_id), "key": check_key(key)}
-        await self._run("remove_value", self._sql.remove_value, params, _nothing)
+        await self._executor.run("remove_value", self._sql.remove_value, params, _nothing)
 
     # Batch helpers.
 
     async def read_values(self, session_id: str) -> dict[str, bytes]:
         """Return all values of a session as a dict (empty if the session is missing)."""
         params = {"sid": check_session_id(session_id)}
-        return await self._run("read_values", self._sql.read_values, params, _pairs)
+        return await self._executor.run("read_values", self._sql.read_values, params, _pairs)
 
     async def write_values(
         self,
@@ -472,7 +329,7 @@ class SQLAlchemyBackend:
         if not checked:
             return
         params = self._sql.remove_values_params(sid, checked)
-        await self._run("remove_values", self._sql.remove_values, params, _nothing)
+        await self._executor.run("remove_values", self._sql.remove_values, params, _nothing)
 
     # Session expiry.
 
@@ -511,7 +368,7 @@ class SQLAlchemyBackend:
         params = self._sql.update_params(
             sid, values, remove, expiry["set_expiry"], expiry["expires_at"]
         )
-        await self._run(operation, self._sql.update_session, params, _nothing)
+        await self._executor.run(operation, self._sql.update_session, params, _nothing)
 
     async def set_session_expiry(self, session_id: str, expires_at: Expiry) -> None:
         """Set the session's expiry (int Unix seconds or an aware datetime), or clear it with
@@ -520,13 +377,15 @@ class SQLAlchemyBackend:
             "sid": check_session_id(session_id),
             "expires_at": self._time_param(check_expires_at(expires_at)),
         }
-        await self._run("set_session_expiry", self._sql.set_session_expiry, params, _nothing)
+        await self._executor.run(
+            "set_session_expiry", self._sql.set_session_expiry, params, _nothing
+        )
 
     async def get_session_expiry(self, session_id: str) -> int | None:
         """Return the session's expiry in whole Unix seconds, or ``None`` if it has none or
         does not exist."""
         params = {"sid": check_session_id(session_id)}
-        expires_at = await self._run(
+        expires_at = await self._executor.run(
             "get_session_expiry", self._sql.get_session_expiry, params, _scalar
         )
         return _time(expires_at)
@@ -535,7 +394,7 @@ class SQLAlchemyBackend:
         """Return the whole session (creation time, expiry, every value) as one statement
         read it, or ``None`` if it does not exist. One round trip on PostgreSQL."""
         params = {"sid": check_session_id(session_id)}
-        rows = await self._run("read_session", self._sql.read_session, params, _rows)
+        rows = await self._executor.run("read_session", self._sql.read_session, params, _rows)
         if not rows:
             return None
         created_at, expires_at = rows[0][0], rows[0][1]
@@ -584,7 +443,9 @@ class SQLAlchemyBackend:
         after = ""
         while True:
             params = {"after": after, "limit": limit}
-            ids = await self._run("iter_sessions", self._sql.page_sessions, params, _scalars)
+            ids = await self._executor.run(
+                "iter_sessions", self._sql.page_sessions, params, _scalars
+            )
             for session_id in ids:
                 yield session_id
             if len(ids) < limit:
@@ -624,7 +485,7 @@ class SQLAlchemyBackend:
         """Run a batch removal until a batch comes back short; return the total removed."""
         removed = 0
         while True:
-            count = await self._run(operation, script, params, _rowcount)
+            count = await self._executor.run(operation, script, params, _rowcount)
             removed += count
             if progress is not None:
                 progress(removed)
@@ -632,139 +493,3 @@ class SQLAlchemyBackend:
                 return removed
 
     # Execution.
-
-    async def _run(
-        self,
-        operation: str,
-        script: Script,
-        params: Params,
-        fetch: Callable[[Any], _T],
-    ) -> _T:
-        """Run ``script`` in one transaction and return ``fetch`` of its outcome.
-
-        The checkout, the script and the return to the pool run in one greenlet (one switch
-        per call, not one per statement); retries what is safe to retry; maps errors.
-        """
-        if self._bound is not None:
-            return await self._run_bound(operation, self._bound, script, params, fetch)
-        if self._write_lock is not None and getattr(script[0], "is_dml", False):
-            async with self._write_lock:
-                return await self._run_pooled(operation, script, params, fetch)
-        return await self._run_pooled(operation, script, params, fetch)
-
-    async def _run_pooled(
-        self, operation: str, script: Script, params: Params, fetch: Callable[[Any], _T]
-    ) -> _T:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                if self._kept is not None:
-                    return fetch(await self._on_kept(self._kept, script, params))
-                return fetch(await greenlet_spawn(self._pooled, script, params))
-            except _StaleConnection:
-                # Every operation is idempotent: a connection the server dropped while it sat
-                # in the pool is discarded and the call runs again on the next one.
-                continue
-            except Exception as error:  # input is checked: anything here is the database or driver
-                sqlstate = getattr(error, "sqlstate", None)
-                if sqlstate == _FOREIGN_KEY_VIOLATION and attempt < _FOREIGN_KEY_ATTEMPTS:
-                    continue
-                raise _backend_error(operation, error) from error
-
-    def _pooled(self, script: Script, params: Params) -> Outcome:
-        """Check a connection out of the engine's pool, run the compiled script on it and
-        check it back in (in a greenlet: the pool may wait or connect)."""
-        checkout = time.monotonic()
-        pooled = self._engine.sync_engine.raw_connection()
-        conn = pooled.driver_connection
-        try:
-            return await_only(
-                run_script(self._driver, conn, self._sql.begin, self._compiled[script], params)
-            )
-        except BaseException as error:
-            if self._unusable(conn, error):
-                stale = self._driver.is_closed(conn)
-                stale = stale and pooled.info.get(_CONNECTED_AT, 0.0) < checkout
-                pooled.invalidate(error)
-                if stale:
-                    raise _StaleConnection from error
-            raise
-        finally:
-            pooled.close()
-
-    async def _on_kept(self, kept: _Kept, script: Script, params: Params) -> Outcome:
-        """Run the compiled script on a kept connection."""
-        connection = kept.take_idle() or await kept.take()
-        conn = connection.driver_connection
-        try:
-            outcome = await run_script(
-                self._driver, conn, self._sql.begin, self._compiled[script], params
-            )
-        except BaseException as error:
-            if self._unusable(conn, error):
-                await kept.discard(connection, error)
-            else:
-                kept.give_back(connection)
-            raise
-        kept.give_back(connection)
-        return outcome
-
-    def _unusable(self, conn: Any, error: BaseException) -> bool:
-        """Interrupted mid-call (cancelled), closed, or left inside a transaction: the
-        connection cannot serve another call as it is."""
-        driver = self._driver
-        return (
-            not isinstance(error, Exception)
-            or driver.is_closed(conn)
-            or driver.in_transaction(conn)
-        )
-
-    async def _run_bound(
-        self,
-        operation: str,
-        bound: AsyncConnection | AsyncSession,
-        script: Script,
-        params: Params,
-        fetch: Callable[[Any], _T],
-    ) -> _T:
-        """Run ``script`` in the host's transaction (begun if it was not), committing nothing."""
-        try:
-            conn = await bound.connection() if isinstance(bound, AsyncSession) else bound
-            outcome = await greenlet_spawn(
-                _execute, conn.sync_connection, script, params, self._bound_options
-            )
-            return fetch(outcome)
-        except Exception as error:  # input is checked: anything here is the database or driver
-            raise _backend_error(operation, error) from error
-
-
-def _execute(
-    conn: Connection | None, script: Script, params: Params, options: dict[str, Any]
-) -> Outcome:
-    assert conn is not None
-    outcome: Outcome = 0
-    for statement in script:
-        if isinstance(statement, Many):
-            rows = params[statement.rows]
-            if rows:
-                conn.execute(statement.statement, rows, execution_options=options)
-            outcome = 0
-            continue
-        result = conn.execute(statement, params, execution_options=options)
-        outcome = result.all() if result.returns_rows else result.rowcount
-    return outcome
-
-
-def _invalidate(connection: PoolProxiedConnection, error: BaseException) -> None:
-    connection.invalidate(error)
-    connection.close()
-
-
-def _close_each(connections: list[PoolProxiedConnection]) -> None:
-    for connection in connections:
-        connection.close()
-
-
-def _note_connect_time(dbapi_connection: Any, connection_record: Any) -> None:
-    connection_record.info[_CONNECTED_AT] = time.monotonic()

@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ._backend import LoopLock
+from ._execution import LoopLock
 from ._protocol import BackendError
 from .models import Base
 

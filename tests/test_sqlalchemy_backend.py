@@ -323,7 +323,7 @@ async def test_sqlite_backend_keeps_pool_size_connections(sqlite_url: str) -> No
         pool = backend.engine.sync_engine.pool
         await backend.write_value("s", "k", b"v")
         assert pool.checkedout() == 1  # type: ignore[attr-defined]  # kept, not returned
-        kept = backend._kept
+        kept = backend._executor._kept
         assert kept is not None
         held = await kept.take()  # the only connection
         first = asyncio.create_task(backend.read_value("s", "k"))
@@ -384,7 +384,7 @@ async def test_expiry_batch_scans_no_whole_table(pg_backend: SQLAlchemyBackend) 
             )
         )
         await conn.execute(text("ANALYZE sessions"))
-    (statement,) = pg_backend._compiled[pg_backend._sql.remove_created_before]
+    (statement,) = pg_backend._executor.compiled(pg_backend._sql.remove_created_before)
     cutoff = datetime.now(timezone.utc) - timedelta(days=1)
     async with pg_backend.engine.connect() as conn:
         raw = await conn.get_raw_connection()
@@ -406,7 +406,7 @@ async def test_expired_batch_goes_through_the_expiry_index(pg_backend: SQLAlchem
             )
         )
         await conn.execute(text("ANALYZE sessions"))
-    (statement,) = pg_backend._compiled[pg_backend._sql.remove_expired]
+    (statement,) = pg_backend._executor.compiled(pg_backend._sql.remove_expired)
     now = datetime.now(timezone.utc).replace(microsecond=0)
     async with pg_backend.engine.connect() as conn:
         raw = await conn.get_raw_connection()

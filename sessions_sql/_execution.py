@@ -1,0 +1,343 @@
+"""How a call of :class:`~sessions_sql.SQLAlchemyBackend` runs: on which connection, in
+which transaction, what is retried, and how failures are mapped.
+
+An :class:`Executor` runs the scripts of one ``_dialects.Dialect`` on an engine. Each script
+is compiled once (``_drivers``) and sent with the driver's own calls on a connection checked
+out of the engine's pool, or kept between calls (``_Kept``, SQLite engines the backend owns):
+a single statement is its own transaction (one round trip), a longer script runs between an
+explicit BEGIN and COMMIT. Bound to a host's connection (``using()``), the scripts run on its
+SQLAlchemy connection, in its transaction, instead. Database errors become
+:class:`BackendError` with the driver's exception chained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util import await_only, greenlet_spawn
+
+from ._dialects import Dialect, Many, Params, Script
+from ._drivers import Outcome, Statement, compile_script, driver_for, run_script
+from ._protocol import BackendError
+
+__all__ = ["Executor", "LoopLock", "backend_error"]
+
+_T = TypeVar("_T")
+
+# A write racing the removal of its session can fail its foreign-key check (the session
+# row vanished after the statement's snapshot); running it again creates the session anew.
+_FOREIGN_KEY_VIOLATION = "23503"
+_FOREIGN_KEY_ATTEMPTS = 5
+
+# When the pool opened a connection (kept in its pool record's ``info``): a connection found
+# closed that is older than the call was dropped by the server while it sat in the pool (a
+# restart, an idle timeout), and the call is retried on another one.
+_CONNECTED_AT = "sessions_sql.connected_at"
+
+
+class LoopLock:
+    """An ``asyncio.Lock`` per running event loop, usable as ``async with lock:``.
+
+    A plain ``asyncio.Lock`` belongs to the first loop that waits on it; objects that may be
+    used from several loops (one per test, say) take one per loop instead.
+    """
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        return lock
+
+    async def __aenter__(self) -> None:
+        await self._lock().acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock().release()
+
+
+def backend_error(operation: str, error: Exception) -> BackendError:
+    """A BackendError for a failed operation; the message names no id, key or value."""
+    if isinstance(error, StatementError):
+        # The chained exception must not print the statement's parameters (ids, values).
+        error.hide_parameters = True
+    if isinstance(error, PoolTimeoutError):
+        reason = "connection pool exhausted: no connection became free within the pool timeout"
+    else:
+        orig = getattr(error, "orig", None) or error
+        reason = f"the database raised {type(orig).__name__}"
+        sqlstate = getattr(orig, "sqlstate", None)
+        if sqlstate:
+            reason += f" (SQLSTATE {sqlstate})"
+    return BackendError(f"{operation} failed: {reason}")
+
+
+class _Kept:
+    """Connections a backend keeps checked out of its own engine's pool between calls.
+
+    A call takes the most recently used idle one; if none is idle it checks a new one out of
+    the pool, or, with ``pool_size`` of them kept already, waits until a call gives one back.
+    A busy backend so pays no pool checkout and no greenlet switch per call. For an engine the
+    backend owns, whose connections cannot go stale (SQLite: a thread over a local file);
+    ``close`` returns them to the pool.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._idle: list[PoolProxiedConnection] = []
+        pool_size = getattr(engine.sync_engine.pool, "size", None)  # StaticPool: one
+        self._limit = pool_size() if pool_size is not None else 1
+        self._count = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_idle(self) -> PoolProxiedConnection | None:
+        """The most recently used idle connection, if there is one."""
+        return self._idle.pop() if self._idle else None
+
+    async def take(self) -> PoolProxiedConnection:
+        """An idle connection, a new one, or the next one given back."""
+        while not self._idle:
+            if self._count < self._limit:
+                self._count += 1
+                try:
+                    return await greenlet_spawn(self._engine.sync_engine.raw_connection)
+                except BaseException:
+                    self._lost()
+                    raise
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: pass the turn on
+                raise
+        return self._idle.pop()
+
+    def give_back(self, connection: PoolProxiedConnection) -> None:
+        self._idle.append(connection)
+        self._wake()
+
+    async def discard(self, connection: PoolProxiedConnection, error: BaseException) -> None:
+        try:
+            await greenlet_spawn(_invalidate, connection, error)
+        finally:
+            self._lost()
+
+    def _lost(self) -> None:
+        self._count -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        self._count -= len(idle)
+        await greenlet_spawn(_close_each, idle)
+
+
+class _StaleConnection(Exception):
+    """A pooled connection opened before the call was found closed (a server restart)."""
+
+
+class Executor:
+    """Runs the scripts of ``sql`` on ``engine``, in the tables of ``schema``."""
+
+    def __init__(self, engine: AsyncEngine, sql: Dialect, schema: str | None) -> None:
+        self._engine = engine
+        self._sql = sql
+        self._driver = driver_for(engine.dialect.driver)
+        self._compiled: dict[Script, tuple[Statement, ...]] = {
+            script: compile_script(script, engine.dialect, schema) for script in sql.scripts()
+        }
+        # This process's writes queue here on a database with a single writer (SQLite).
+        self._write_lock = LoopLock() if sql.single_writer else None
+        self._kept: _Kept | None = None
+        # The host's connection, and the options of the statements run on it (see bound()).
+        self._bound: AsyncConnection | AsyncSession | None = None
+        self._bound_options: dict[str, Any] = {}
+        if schema is not None:
+            self._bound_options["schema_translate_map"] = {None: schema}
+        if not event.contains(engine.sync_engine, "connect", _note_connect_time):
+            event.listen(engine.sync_engine, "connect", _note_connect_time)
+
+    def keep_connections(self) -> None:
+        """Keep connections checked out between calls (for a SQLite engine of our own)."""
+        self._kept = _Kept(self._engine)
+
+    def bound(self, connection: AsyncConnection | AsyncSession) -> Executor:
+        """An executor running the scripts inside ``connection``'s transaction."""
+        bound = copy.copy(self)
+        bound._bound = connection
+        return bound
+
+    @property
+    def is_bound(self) -> bool:
+        return self._bound is not None
+
+    def compiled(self, script: Script) -> tuple[Statement, ...]:
+        """The statements of ``script`` as the driver receives them."""
+        return self._compiled[script]
+
+    async def close(self) -> None:
+        """Give the kept connections back to the pool."""
+        if self._kept is not None:
+            await self._kept.close()
+
+    async def run(
+        self,
+        operation: str,
+        script: Script,
+        params: Params,
+        fetch: Callable[[Any], _T],
+    ) -> _T:
+        """Run ``script`` in one transaction and return ``fetch`` of its outcome.
+
+        The checkout, the script and the return to the pool run in one greenlet (one switch
+        per call, not one per statement); retries what is safe to retry; maps errors.
+        """
+        if self._bound is not None:
+            return await self._run_bound(operation, self._bound, script, params, fetch)
+        if self._write_lock is not None and getattr(script[0], "is_dml", False):
+            async with self._write_lock:
+                return await self._run_pooled(operation, script, params, fetch)
+        return await self._run_pooled(operation, script, params, fetch)
+
+    async def _run_pooled(
+        self, operation: str, script: Script, params: Params, fetch: Callable[[Any], _T]
+    ) -> _T:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if self._kept is not None:
+                    return fetch(await self._on_kept(self._kept, script, params))
+                return fetch(await greenlet_spawn(self._pooled, script, params))
+            except _StaleConnection:
+                # Every operation is idempotent: a connection the server dropped while it sat
+                # in the pool is discarded and the call runs again on the next one.
+                continue
+            except Exception as error:  # input is checked: anything here is the database or driver
+                sqlstate = getattr(error, "sqlstate", None)
+                if sqlstate == _FOREIGN_KEY_VIOLATION and attempt < _FOREIGN_KEY_ATTEMPTS:
+                    continue
+                raise backend_error(operation, error) from error
+
+    def _pooled(self, script: Script, params: Params) -> Outcome:
+        """Check a connection out of the engine's pool, run the compiled script on it and
+        check it back in (in a greenlet: the pool may wait or connect)."""
+        checkout = time.monotonic()
+        pooled = self._engine.sync_engine.raw_connection()
+        conn = pooled.driver_connection
+        try:
+            return await_only(
+                run_script(self._driver, conn, self._sql.begin, self._compiled[script], params)
+            )
+        except BaseException as error:
+            if self._unusable(conn, error):
+                stale = self._driver.is_closed(conn)
+                stale = stale and pooled.info.get(_CONNECTED_AT, 0.0) < checkout
+                pooled.invalidate(error)
+                if stale:
+                    raise _StaleConnection from error
+            raise
+        finally:
+            pooled.close()
+
+    async def _on_kept(self, kept: _Kept, script: Script, params: Params) -> Outcome:
+        """Run the compiled script on a kept connection."""
+        connection = kept.take_idle() or await kept.take()
+        conn = connection.driver_connection
+        try:
+            outcome = await run_script(
+                self._driver, conn, self._sql.begin, self._compiled[script], params
+            )
+        except BaseException as error:
+            if self._unusable(conn, error):
+                await kept.discard(connection, error)
+            else:
+                kept.give_back(connection)
+            raise
+        kept.give_back(connection)
+        return outcome
+
+    def _unusable(self, conn: Any, error: BaseException) -> bool:
+        """Interrupted mid-call (cancelled), closed, or left inside a transaction: the
+        connection cannot serve another call as it is."""
+        driver = self._driver
+        return (
+            not isinstance(error, Exception)
+            or driver.is_closed(conn)
+            or driver.in_transaction(conn)
+        )
+
+    async def _run_bound(
+        self,
+        operation: str,
+        bound: AsyncConnection | AsyncSession,
+        script: Script,
+        params: Params,
+        fetch: Callable[[Any], _T],
+    ) -> _T:
+        """Run ``script`` in the host's transaction (begun if it was not), committing nothing."""
+        try:
+            conn = await bound.connection() if isinstance(bound, AsyncSession) else bound
+            outcome = await greenlet_spawn(
+                _execute, conn.sync_connection, script, params, self._bound_options
+            )
+            return fetch(outcome)
+        except Exception as error:  # input is checked: anything here is the database or driver
+            raise backend_error(operation, error) from error
+
+
+def _execute(
+    conn: Connection | None, script: Script, params: Params, options: dict[str, Any]
+) -> Outcome:
+    assert conn is not None
+    outcome: Outcome = 0
+    for statement in script:
+        if isinstance(statement, Many):
+            rows = params[statement.rows]
+            if rows:
+                conn.execute(statement.statement, rows, execution_options=options)
+            outcome = 0
+            continue
+        result = conn.execute(statement, params, execution_options=options)
+        outcome = result.all() if result.returns_rows else result.rowcount
+    return outcome
+
+
+def _invalidate(connection: PoolProxiedConnection, error: BaseException) -> None:
+    connection.invalidate(error)
+    connection.close()
+
+
+def _close_each(connections: list[PoolProxiedConnection]) -> None:
+    for connection in connections:
+        connection.close()
+
+
+def _note_connect_time(dbapi_connection: Any, connection_record: Any) -> None:
+    connection_record.info[_CONNECTED_AT] = time.monotonic()
