@@ -1,4 +1,5 @@
-"""Running compiled statements on the driver's own connection: asyncpg and aiosqlite.
+"""Running compiled statements on the driver's own connection: the fast path of asyncpg and
+aiosqlite (other drivers run the statements through SQLAlchemy Core instead).
 
 On its pooled path the backend checks a connection out of the engine's pool and sends the
 statements of ``_dialects`` straight to the driver: each is compiled once per backend to
@@ -19,7 +20,7 @@ from sqlalchemy.engine.interfaces import Dialect as EngineDialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
-from ._dialects import Many, Params, Script, supported
+from ._dialects import Many, Params, Script
 
 __all__ = ["Driver", "Statement", "compile_script", "driver_for", "run_script"]
 
@@ -129,9 +130,10 @@ _AIOSQLITE = Driver(
 _DRIVERS = {driver.name: driver for driver in (_ASYNCPG, _AIOSQLITE)}
 
 
-def driver_for(name: str) -> Driver:
-    """Return the driver for a SQLAlchemy driver name, or raise ``ValueError``."""
-    return supported(_DRIVERS, name, "driver")
+def driver_for(name: str) -> Driver | None:
+    """The fast path for a SQLAlchemy driver name, or ``None``: the scripts then run through
+    SQLAlchemy Core (see ``_execution``)."""
+    return _DRIVERS.get(name)
 
 
 async def _run(driver: Driver, conn: Any, statement: Statement, params: Params) -> Outcome:

@@ -1,19 +1,22 @@
 """How a call of :class:`~sessions_sql.SQLAlchemyBackend` runs: on which connection, in
 which transaction, what is retried, and how failures are mapped.
 
-An :class:`Executor` runs the scripts of one ``_dialects.Dialect`` on an engine. Each script
-is compiled once (``_drivers``) and sent with the driver's own calls on a connection checked
-out of the engine's pool, or kept between calls (``_Kept``, SQLite engines the backend owns):
-a single statement is its own transaction (one round trip), a longer script runs between an
-explicit BEGIN and COMMIT. Bound to a host's connection (``using()``), the scripts run on its
-SQLAlchemy connection, in its transaction, instead. Database errors become
-:class:`BackendError` with the driver's exception chained.
+An :class:`Executor` runs the scripts of one ``_dialects.Dialect`` on an engine. On a driver
+with a fast path (``_drivers``: asyncpg, aiosqlite) each script is compiled once and sent
+with the driver's own calls on a connection checked out of the engine's pool, or kept
+between calls (``_Kept``, engines the backend owns); on any other driver the Core statements
+run through SQLAlchemy on a pooled connection in autocommit. Either way a single statement
+is its own transaction (one round trip), a longer script runs between an explicit BEGIN and
+COMMIT. Bound to a host's connection (``using()``), the scripts run on its SQLAlchemy
+connection, in its transaction, instead. Database errors become :class:`BackendError` with
+the driver's exception chained.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import copy
 import time
 import weakref
@@ -22,14 +25,14 @@ from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import await_only, greenlet_spawn
 
 from ._dialects import Dialect, Many, Params, Script
-from ._drivers import Outcome, Statement, compile_script, driver_for, run_script
+from ._drivers import Driver, Outcome, Statement, compile_script, driver_for, run_script
 from ._protocol import BackendError
 
 __all__ = ["Executor", "LoopLock", "backend_error"]
@@ -169,17 +172,22 @@ class Executor:
         self._engine = engine
         self._sql = sql
         self._driver = driver_for(engine.dialect.driver)
-        self._compiled: dict[Script, tuple[Statement, ...]] = {
-            script: compile_script(script, engine.dialect, schema) for script in sql.scripts()
-        }
+        self._compiled: dict[Script, tuple[Statement, ...]] = {}
+        if self._driver is not None:
+            self._compiled = {
+                script: compile_script(script, engine.dialect, schema) for script in sql.scripts()
+            }
+        # Without a fast path: the same pool, with its connections in autocommit.
+        self._autocommit = engine.sync_engine.execution_options(isolation_level="AUTOCOMMIT")
         # This process's writes queue here on a database with a single writer (SQLite).
         self._write_lock = LoopLock() if sql.single_writer else None
         self._kept: _Kept | None = None
-        # The host's connection, and the options of the statements run on it (see bound()).
+        # The host's connection (see bound()).
         self._bound: AsyncConnection | AsyncSession | None = None
-        self._bound_options: dict[str, Any] = {}
+        # Options of the Core statements (on the host's connection, or without a fast path).
+        self._options: dict[str, Any] = {}
         if schema is not None:
-            self._bound_options["schema_translate_map"] = {None: schema}
+            self._options["schema_translate_map"] = {None: schema}
         if not event.contains(engine.sync_engine, "connect", _note_connect_time):
             event.listen(engine.sync_engine, "connect", _note_connect_time)
 
@@ -232,20 +240,39 @@ class Executor:
         while True:
             attempt += 1
             try:
+                if self._driver is None:
+                    return fetch(await greenlet_spawn(self._on_core, script, params))
                 if self._kept is not None:
-                    return fetch(await self._on_kept(self._kept, script, params))
-                return fetch(await greenlet_spawn(self._pooled, script, params))
+                    return fetch(await self._on_kept(self._kept, self._driver, script, params))
+                return fetch(await greenlet_spawn(self._pooled, self._driver, script, params))
             except _StaleConnection:
                 # Every operation is idempotent: a connection the server dropped while it sat
                 # in the pool is discarded and the call runs again on the next one.
                 continue
             except Exception as error:  # input is checked: anything here is the database or driver
-                sqlstate = getattr(error, "sqlstate", None)
-                if sqlstate == _FOREIGN_KEY_VIOLATION and attempt < _FOREIGN_KEY_ATTEMPTS:
+                if _sqlstate(error) == _FOREIGN_KEY_VIOLATION and attempt < _FOREIGN_KEY_ATTEMPTS:
                     continue
                 raise backend_error(operation, error) from error
 
-    def _pooled(self, script: Script, params: Params) -> Outcome:
+    def _on_core(self, script: Script, params: Params) -> Outcome:
+        """Run the Core statements on a pooled connection in autocommit, through SQLAlchemy
+        (its statement events and logging see them); in a greenlet."""
+        checkout = time.monotonic()
+        with self._autocommit.connect() as conn:
+            # Read before running: an invalidated connection no longer has its record.
+            opened = conn.info.get(_CONNECTED_AT, 0.0)
+            try:
+                return _execute_alone(conn, script, params, self._options, self._sql.begin)
+            except DBAPIError as error:
+                if error.connection_invalidated and opened < checkout:
+                    raise _StaleConnection from error
+                raise
+            except BaseException as error:
+                if not isinstance(error, Exception):  # cancelled mid-call: the driver may be busy
+                    conn.invalidate(error)
+                raise
+
+    def _pooled(self, driver: Driver, script: Script, params: Params) -> Outcome:
         """Check a connection out of the engine's pool, run the compiled script on it and
         check it back in (in a greenlet: the pool may wait or connect)."""
         checkout = time.monotonic()
@@ -253,11 +280,11 @@ class Executor:
         conn = pooled.driver_connection
         try:
             return await_only(
-                run_script(self._driver, conn, self._sql.begin, self._compiled[script], params)
+                run_script(driver, conn, self._sql.begin, self._compiled[script], params)
             )
         except BaseException as error:
-            if self._unusable(conn, error):
-                stale = self._driver.is_closed(conn)
+            if self._unusable(driver, conn, error):
+                stale = driver.is_closed(conn)
                 stale = stale and pooled.info.get(_CONNECTED_AT, 0.0) < checkout
                 pooled.invalidate(error)
                 if stale:
@@ -266,16 +293,18 @@ class Executor:
         finally:
             pooled.close()
 
-    async def _on_kept(self, kept: _Kept, script: Script, params: Params) -> Outcome:
+    async def _on_kept(
+        self, kept: _Kept, driver: Driver, script: Script, params: Params
+    ) -> Outcome:
         """Run the compiled script on a kept connection."""
         connection = kept.take_idle() or await kept.take()
         conn = connection.driver_connection
         try:
             outcome = await run_script(
-                self._driver, conn, self._sql.begin, self._compiled[script], params
+                driver, conn, self._sql.begin, self._compiled[script], params
             )
         except BaseException as error:
-            if self._unusable(conn, error):
+            if self._unusable(driver, conn, error):
                 await kept.discard(connection, error)
             else:
                 kept.give_back(connection)
@@ -283,10 +312,10 @@ class Executor:
         kept.give_back(connection)
         return outcome
 
-    def _unusable(self, conn: Any, error: BaseException) -> bool:
+    @staticmethod
+    def _unusable(driver: Driver, conn: Any, error: BaseException) -> bool:
         """Interrupted mid-call (cancelled), closed, or left inside a transaction: the
         connection cannot serve another call as it is."""
-        driver = self._driver
         return (
             not isinstance(error, Exception)
             or driver.is_closed(conn)
@@ -305,7 +334,7 @@ class Executor:
         try:
             conn = await bound.connection() if isinstance(bound, AsyncSession) else bound
             outcome = await greenlet_spawn(
-                _execute, conn.sync_connection, script, params, self._bound_options
+                _execute, conn.sync_connection, script, params, self._options
             )
             return fetch(outcome)
         except Exception as error:  # input is checked: anything here is the database or driver
@@ -327,6 +356,34 @@ def _execute(
         result = conn.execute(statement, params, execution_options=options)
         outcome = result.all() if result.returns_rows else result.rowcount
     return outcome
+
+
+def _execute_alone(
+    conn: Connection, script: Script, params: Params, options: dict[str, Any], begin: str
+) -> Outcome:
+    """Run ``script`` as its own transaction on ``conn`` (in autocommit): a single statement
+    alone, anything else between ``begin`` and COMMIT."""
+    if len(script) == 1 and not isinstance(script[0], Many):
+        return _execute(conn, script, params, options)
+    conn.exec_driver_sql(begin)
+    try:
+        outcome = _execute(conn, script, params, options)
+    except Exception:
+        if not conn.invalidated:  # a broken connection is discarded, nothing to roll back
+            with contextlib.suppress(DBAPIError):
+                conn.exec_driver_sql("ROLLBACK")
+        raise
+    conn.exec_driver_sql("COMMIT")
+    return outcome
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a driver's error, raised by the driver or wrapped by SQLAlchemy."""
+    for candidate in (error, getattr(error, "orig", None)):
+        sqlstate = getattr(candidate, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            return sqlstate
+    return None
 
 
 def _invalidate(connection: PoolProxiedConnection, error: BaseException) -> None:

@@ -141,14 +141,14 @@ def _database_url(args: argparse.Namespace) -> URL:
     try:
         url = make_url(raw)
         url = url.set(drivername=_ASYNC_DRIVERS.get(url.drivername, url.drivername))
-        is_async = url.get_dialect().is_async
+        is_async = url.get_dialect().get_async_dialect_cls(url).is_async
     except (SQLAlchemyError, ValueError, TypeError):
         # The URL may hold a password: never repeat it.
         raise CLIError("invalid database URL", 2) from None
     if not is_async:
         raise CLIError(
             "the database URL must name an async driver "
-            "(postgresql+asyncpg:// or sqlite+aiosqlite://)",
+            "(postgresql+asyncpg://, postgresql+psycopg:// or sqlite+aiosqlite://)",
             2,
         )
     if args.schema is not None and url.get_backend_name() != "postgresql":

@@ -1,4 +1,5 @@
-"""Fixtures: every backend test runs on SQLite (a temporary file) and on PostgreSQL.
+"""Fixtures: every backend test runs on SQLite (a temporary file) and on PostgreSQL, through
+asyncpg and through psycopg 3.
 
 PostgreSQL comes from SESSIONS_SQL_TEST_POSTGRES_URL (any database on the server; the tests
 create and drop databases of their own beside it). Without the variable the PostgreSQL cases
@@ -107,6 +108,13 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'sessions.db'}"
 
 
+def with_driver(url: str, driver: str) -> str:
+    """``url`` (a PostgreSQL URL) through another SQLAlchemy driver, e.g. ``psycopg``."""
+    return (
+        make_url(url).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+    )
+
+
 def _empty_database(request: pytest.FixtureRequest, database: str) -> str:
     if database == "sqlite":
         url: str = request.getfixturevalue("sqlite_url")
@@ -114,12 +122,16 @@ def _empty_database(request: pytest.FixtureRequest, database: str) -> str:
         return url
     url = request.getfixturevalue("postgres_url")
     asyncio.run(_admin(url, "TRUNCATE sessions, session_values"))
-    return url
+    return with_driver(url, "psycopg") if database == "psycopg" else url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+#: The databases (and, for PostgreSQL, drivers) every backend test runs on.
+DATABASES = ["sqlite", "postgresql", "psycopg"]
+
+
+@pytest.fixture(params=DATABASES)
 def db_url(request: pytest.FixtureRequest) -> str:
-    """URL of a migrated database with empty tables, on each database."""
+    """URL of a migrated database with empty tables, on each database and driver."""
     return _empty_database(request, request.param)
 
 
@@ -142,7 +154,7 @@ def fresh_postgres_url(postgres_server: PostgresServer) -> str:
     return postgres_server.new_database()
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+@pytest.fixture(params=["memory", *DATABASES])
 def any_url(request: pytest.FixtureRequest) -> str | None:
     """``None`` for MemoryBackend, else a migrated database with empty tables."""
     if request.param == "memory":

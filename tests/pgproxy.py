@@ -74,6 +74,9 @@ async def counting_round_trips(url: str | URL) -> AsyncIterator[tuple[RoundTripC
     proxy = RoundTripCounter(url.host or "127.0.0.1", url.port or 5432)
     port = await proxy.start()
     try:
-        yield proxy, url.set(host="127.0.0.1", port=port, query={"ssl": "disable"})
+        no_tls = (
+            {"sslmode": "disable"} if url.get_driver_name() == "psycopg" else {"ssl": "disable"}
+        )
+        yield proxy, url.set(host="127.0.0.1", port=port, query=no_tls)
     finally:
         await proxy.close()

@@ -36,7 +36,7 @@ from sqlalchemy.pool import NullPool
 
 from sessions_sql import BackendError, SQLAlchemyBackend, migrate
 
-from .conftest import guard, now
+from .conftest import guard, now, with_driver
 
 if TYPE_CHECKING:
     from .conftest import PostgresServer
@@ -62,6 +62,12 @@ def pg_db(postgres_server: PostgresServer) -> str:
     url = postgres_server.new_database()
     asyncio.run(migrate(url))
     return url
+
+
+@pytest.fixture(params=["asyncpg", "psycopg"])
+def backend_url(request: pytest.FixtureRequest, pg_db: str) -> str:
+    """``pg_db`` through each PostgreSQL driver, for the backend under test."""
+    return with_driver(pg_db, request.param)
 
 
 @pytest.fixture
@@ -245,14 +251,14 @@ async def _collect(iterator: AsyncIterator[str]) -> list[str]:
 KILL_ROUNDS = 4
 
 
-async def test_connections_killed_mid_load(pg_db: str, admin: AsyncEngine) -> None:
+async def test_connections_killed_mid_load(backend_url: str, admin: AsyncEngine) -> None:
     """While 16 tasks call the backend in a loop, an admin connection terminates every
     connection of the database, four times; then once more with the load paused, so that
     every pooled connection is idle when it dies. Calls either succeed or raise BackendError
     (never a driver or SQLAlchemy exception, never a hang); every failed call overlapped a
     kill; calls begun after the last kill all succeed, with nothing done by the application;
     no acknowledged write is lost."""
-    async with SQLAlchemyBackend.from_url(pg_db) as backend:
+    async with SQLAlchemyBackend.from_url(backend_url) as backend:
         connects = count_connects(backend.engine)
         load = Load(backend)
         running = asyncio.create_task(load.run())
@@ -388,7 +394,7 @@ STALE_CALLS: dict[str, Callable[[SQLAlchemyBackend, str], Awaitable[Any]]] = {
 
 
 async def test_stale_pooled_connections_after_a_restart(
-    pg_db: str, admin: AsyncEngine, cluster: Cluster
+    backend_url: str, admin: AsyncEngine, cluster: Cluster
 ) -> None:
     """One backend per operation (pool_pre_ping off), each with an idle pooled connection,
     and one with five. The server restarts. Five concurrent first calls of the latter all
@@ -396,9 +402,9 @@ async def test_stale_pooled_connections_after_a_restart(
     the right result; each backend opened exactly one new connection per stale one, proof
     that the stale connections were there and were replaced."""
     backends = {
-        name: SQLAlchemyBackend.from_url(pg_db, pool_pre_ping=False) for name in STALE_CALLS
+        name: SQLAlchemyBackend.from_url(backend_url, pool_pre_ping=False) for name in STALE_CALLS
     }
-    burst = SQLAlchemyBackend.from_url(pg_db, pool_pre_ping=False, pool_size=5)
+    burst = SQLAlchemyBackend.from_url(backend_url, pool_pre_ping=False, pool_size=5)
     try:
         for name, backend in backends.items():
             await backend.write_values(f"s-{name}", {"a": b"1", "b": b"2"})
@@ -454,13 +460,13 @@ async def test_stale_pooled_connections_after_a_restart(
 
 
 async def test_server_stopped_and_started_during_a_load(
-    pg_db: str, admin: AsyncEngine, cluster: Cluster
+    backend_url: str, admin: AsyncEngine, cluster: Cluster
 ) -> None:
     """While 16 tasks call the backend in a loop, the server is stopped (fast shutdown) and
     started again. Calls succeed or raise BackendError, never hang; calls begun once the
     server accepts connections again all succeed with nothing done by the application; every
     write acknowledged before, during or after the outage is in the database."""
-    async with SQLAlchemyBackend.from_url(pg_db) as backend:
+    async with SQLAlchemyBackend.from_url(backend_url) as backend:
         load = Load(backend)
         running = asyncio.create_task(load.run())
         try:
@@ -488,23 +494,26 @@ async def test_server_stopped_and_started_during_a_load(
 
 # 8. A statement timeout, or a lock held by another transaction.
 
+# Engine connect_args of a server and a client timeout, by driver (psycopg has no client one).
 TIMEOUTS = {
-    "statement_timeout": {"server_settings": {"statement_timeout": "500"}},
-    "command_timeout": {"command_timeout": 1},
+    ("asyncpg", "statement_timeout"): {"server_settings": {"statement_timeout": "500"}},
+    ("asyncpg", "command_timeout"): {"command_timeout": 1},
+    ("psycopg", "statement_timeout"): {"options": "-c statement_timeout=500"},
 }
 
 
-@pytest.mark.parametrize("timeout", sorted(TIMEOUTS))
+@pytest.mark.parametrize(("driver", "timeout"), sorted(TIMEOUTS))
 @pytest.mark.parametrize("lock", ["table", "row"])
 async def test_lock_held_past_the_timeout(
-    pg_db: str, admin: AsyncEngine, lock: str, timeout: str
+    pg_db: str, admin: AsyncEngine, lock: str, driver: str, timeout: str
 ) -> None:
     """Another transaction holds ACCESS EXCLUSIVE on session_values, or the row of session
     "locked". Blocked calls of a backend with a server (statement_timeout) or client
     (asyncpg command_timeout) timeout raise BackendError, without hanging; calls the lock
     does not block go through meanwhile; once the lock is released the backend works."""
     locker = create_async_engine(pg_db, poolclass=NullPool)  # not in autocommit
-    async with SQLAlchemyBackend.from_url(pg_db, connect_args=TIMEOUTS[timeout]) as backend:
+    url, connect_args = with_driver(pg_db, driver), TIMEOUTS[driver, timeout]
+    async with SQLAlchemyBackend.from_url(url, connect_args=connect_args) as backend:
         await backend.write_value("locked", "a", b"1")
         await backend.write_value("free", "a", b"1")
         async with locker.connect() as conn:

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sessions_sql import BackendError, SQLAlchemyBackend, migrate
 from sessions_sql.testing import BAD_INPUTS
 
-from .conftest import guard
+from .conftest import guard, with_driver
 from .pgproxy import counting_round_trips
 
 SECRET_ID = "secret-session-id-4f1d"
@@ -442,11 +442,12 @@ async def test_schema_option(fresh_postgres_url: str) -> None:
             await SQLAlchemyBackend(backend.engine).read_value("s", "k")
 
 
-async def test_one_round_trip_per_read_and_write(postgres_url: str) -> None:
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_one_round_trip_per_read_and_write(postgres_url: str, driver: str) -> None:
     """Every single-session operation costs one round trip once warm (counted on the wire),
     saving a web request's changes (values written, keys removed, a new expiry) included."""
     async with (
-        counting_round_trips(postgres_url) as (proxy, proxied),
+        counting_round_trips(with_driver(postgres_url, driver)) as (proxy, proxied),
         SQLAlchemyBackend.from_url(proxied, pool_size=1, max_overflow=0) as backend,
     ):
         calls = {
