@@ -145,11 +145,15 @@ class SQLAlchemyBackend:
         error messages, and on PostgreSQL ``pool_use_lifo=True`` reuses the most recently used
         connection (its server process is the one whose caches are warm; spare connections
         can time out). A SQLite file database is switched to WAL mode so that readers do not
-        wait for writers.
+        wait for writers. On asyncpg and aiosqlite, with the default pool, the backend keeps up
+        to ``pool_size`` connections checked out between calls: a call then costs no pool
+        checkout.
         """
         url = make_url(url)
         sqlite = url.get_backend_name() == "sqlite"
         engine_kw.setdefault("hide_parameters", True)
+        # The backend's own connections are kept between calls unless the caller chose a pool.
+        keep = "poolclass" not in engine_kw
         if "poolclass" not in engine_kw:
             if not sqlite:
                 engine_kw.setdefault("pool_use_lifo", True)
@@ -174,7 +178,7 @@ class SQLAlchemyBackend:
             engine.sync_engine.dispose()
             raise
         backend._owns_engine = True
-        if always_autocommit:
+        if always_autocommit or (keep and not sqlite):
             backend._executor.keep_connections()
         return backend
 

@@ -96,47 +96,64 @@ class _Kept:
     """Connections a backend keeps checked out of its own engine's pool between calls.
 
     A call takes the most recently used idle one; if none is idle it checks a new one out of
-    the pool, or, with ``pool_size`` of them kept already, waits until a call gives one back.
-    A busy backend so pays no pool checkout and no greenlet switch per call. For an engine the
-    backend owns, whose connections cannot go stale (SQLite: a thread over a local file);
-    ``close`` returns them to the pool.
+    the pool, or, with ``pool_size`` of them kept already, waits in line. A connection given
+    back goes straight to the first caller in line (never to one that arrives later, which
+    would starve the line while other calls keep the connections busy), and a connection
+    discarded passes its place in the pool to it. A busy backend so pays no pool checkout and
+    no greenlet switch per call. For an engine the backend owns (the host's pool is never
+    held); a kept connection the server closed while it sat idle (a restart, an idle timeout)
+    is discarded on its next use and the call retried on another. ``close`` returns them to
+    the pool.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._idle: list[PoolProxiedConnection] = []
+        self._idle: list[PoolProxiedConnection] = []  # only while nobody waits
         pool_size = getattr(engine.sync_engine.pool, "size", None)  # StaticPool: one
         self._limit = pool_size() if pool_size is not None else 1
-        self._count = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._count = 0  # connections kept, in use or idle, or being opened
+        # Callers in line; each gets a connection, or None: "open one in the place freed".
+        self._waiters: collections.deque[asyncio.Future[PoolProxiedConnection | None]] = (
+            collections.deque()
+        )
 
     def take_idle(self) -> PoolProxiedConnection | None:
         """The most recently used idle connection, if there is one."""
         return self._idle.pop() if self._idle else None
 
     async def take(self) -> PoolProxiedConnection:
-        """An idle connection, a new one, or the next one given back."""
-        while not self._idle:
-            if self._count < self._limit:
-                self._count += 1
-                try:
-                    return await greenlet_spawn(self._engine.sync_engine.raw_connection)
-                except BaseException:
+        """An idle connection, a new one, or the one given back to the first in line."""
+        if self._idle:
+            return self._idle.pop()
+        if self._count < self._limit:
+            self._count += 1
+            return await self._open()
+        waiter: asyncio.Future[PoolProxiedConnection | None]
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            connection = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # served, then cancelled: pass it on
+                served = waiter.result()
+                if served is None:
                     self._lost()
-                    raise
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # woken, then cancelled: pass the turn on
-                raise
-        return self._idle.pop()
+                else:
+                    self.give_back(served)
+            raise
+        return connection if connection is not None else await self._open()
+
+    async def _open(self) -> PoolProxiedConnection:
+        """Check a new connection out of the pool, in a place already counted."""
+        try:
+            return await greenlet_spawn(self._engine.sync_engine.raw_connection)
+        except BaseException:
+            self._lost()
+            raise
 
     def give_back(self, connection: PoolProxiedConnection) -> None:
-        self._idle.append(connection)
-        self._wake()
+        if not self._serve(connection):
+            self._idle.append(connection)
 
     async def discard(self, connection: PoolProxiedConnection, error: BaseException) -> None:
         try:
@@ -145,15 +162,18 @@ class _Kept:
             self._lost()
 
     def _lost(self) -> None:
-        self._count -= 1
-        self._wake()
+        """A place in the pool was freed: the first in line opens a connection in it."""
+        if not self._serve(None):
+            self._count -= 1
 
-    def _wake(self) -> None:
+    def _serve(self, connection: PoolProxiedConnection | None) -> bool:
+        """Hand ``connection`` to the first caller still waiting; whether there was one."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                waiter.set_result(connection)
+                return True
+        return False
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
@@ -192,8 +212,10 @@ class Executor:
             event.listen(engine.sync_engine, "connect", _note_connect_time)
 
     def keep_connections(self) -> None:
-        """Keep connections checked out between calls (for a SQLite engine of our own)."""
-        self._kept = _Kept(self._engine)
+        """Keep connections checked out between calls (for an engine of our own whose driver
+        has a fast path)."""
+        if self._driver is not None:
+            self._kept = _Kept(self._engine)
 
     def bound(self, connection: AsyncConnection | AsyncSession) -> Executor:
         """An executor running the scripts inside ``connection``'s transaction."""
@@ -236,6 +258,7 @@ class Executor:
     async def _run_pooled(
         self, operation: str, script: Script, params: Params, fetch: Callable[[Any], _T]
     ) -> _T:
+        started = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
@@ -243,7 +266,8 @@ class Executor:
                 if self._driver is None:
                     return fetch(await greenlet_spawn(self._on_core, script, params))
                 if self._kept is not None:
-                    return fetch(await self._on_kept(self._kept, self._driver, script, params))
+                    outcome = await self._on_kept(self._kept, self._driver, script, params, started)
+                    return fetch(outcome)
                 return fetch(await greenlet_spawn(self._pooled, self._driver, script, params))
             except _StaleConnection:
                 # Every operation is idempotent: a connection the server dropped while it sat
@@ -294,9 +318,10 @@ class Executor:
             pooled.close()
 
     async def _on_kept(
-        self, kept: _Kept, driver: Driver, script: Script, params: Params
+        self, kept: _Kept, driver: Driver, script: Script, params: Params, started: float
     ) -> Outcome:
-        """Run the compiled script on a kept connection."""
+        """Run the compiled script on a kept connection (one opened before the call started
+        and found closed is stale: the call is retried)."""
         connection = kept.take_idle() or await kept.take()
         conn = connection.driver_connection
         try:
@@ -305,7 +330,11 @@ class Executor:
             )
         except BaseException as error:
             if self._unusable(driver, conn, error):
+                stale = isinstance(error, Exception) and driver.is_closed(conn)
+                stale = stale and connection.info.get(_CONNECTED_AT, 0.0) < started
                 await kept.discard(connection, error)
+                if stale:
+                    raise _StaleConnection from error
             else:
                 kept.give_back(connection)
             raise
