@@ -115,7 +115,7 @@ def with_driver(url: str, driver: str) -> str:
     )
 
 
-def _empty_database(request: pytest.FixtureRequest, database: str) -> str:
+def empty_database(request: pytest.FixtureRequest, database: str) -> str:
     if database == "sqlite":
         url: str = request.getfixturevalue("sqlite_url")
         asyncio.run(migrate(url))
@@ -132,7 +132,7 @@ DATABASES = ["sqlite", "postgresql", "psycopg"]
 @pytest.fixture(params=DATABASES)
 def db_url(request: pytest.FixtureRequest) -> str:
     """URL of a migrated database with empty tables, on each database and driver."""
-    return _empty_database(request, request.param)
+    return empty_database(request, request.param)
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def any_url(request: pytest.FixtureRequest) -> str | None:
     """``None`` for MemoryBackend, else a migrated database with empty tables."""
     if request.param == "memory":
         return None
-    return _empty_database(request, request.param)
+    return empty_database(request, request.param)
 
 
 @pytest.fixture

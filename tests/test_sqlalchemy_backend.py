@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sessions_sql import BackendError, SQLAlchemyBackend, migrate
 from sessions_sql.testing import BAD_INPUTS
 
-from .conftest import guard, with_driver
+from .conftest import empty_database, guard, with_driver
 from .pgproxy import counting_round_trips
 
 SECRET_ID = "secret-session-id-4f1d"
@@ -337,6 +337,39 @@ async def test_sqlite_backend_keeps_pool_size_connections(sqlite_url: str) -> No
         assert first.cancelled()
         assert pool.checkedout() == 1  # type: ignore[attr-defined]
     assert pool.checkedout() == 0  # type: ignore[attr-defined]  # close() returned it
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def kept_url(request: pytest.FixtureRequest) -> str:
+    """A database whose from_url backends keep their connections (asyncpg, aiosqlite)."""
+    return empty_database(request, request.param)
+
+
+async def test_kept_connections_serve_waiting_calls_in_turn(kept_url: str) -> None:
+    """A task calling in a loop on a backend with one kept connection never keeps it from a
+    call waiting in line: the connection it gives back goes to the waiting call, not to its
+    own next call (which would starve the waiting one for as long as the loop runs).
+    (SQLAlchemy's own queue pool, used on other engines, is not fair to a waiter this way.)"""
+    async with SQLAlchemyBackend.from_url(kept_url, pool_size=1, max_overflow=0) as backend:
+        await backend.write_value("s", "k", b"v")
+        stop = asyncio.Event()
+        calls = 0
+
+        async def busy() -> None:
+            nonlocal calls
+            while not stop.is_set():
+                await backend.read_value("s", "k")
+                calls += 1
+
+        looping = asyncio.create_task(busy())
+        try:
+            while calls < 10:
+                await asyncio.sleep(0)
+            await guard(backend.write_value("s", "k", b"w"), "a call waiting in line")
+            assert await guard(backend.read_value("s", "k"), "another one") == b"w"
+        finally:
+            stop.set()
+            await looping
 
 
 # PostgreSQL only.
