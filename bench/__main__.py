@@ -263,6 +263,11 @@ class Target:
     admin: Admin
     close_raw: Callable[[], Any]
     pg_url: str | None = None
+    #: The raw baseline of serial rounds, if not ``raw`` (PostgreSQL: one dedicated connection).
+    raw_serial: Store | None = None
+
+    def raw_for(self, mode: str) -> Store:
+        return self.raw_serial if mode == "serial" and self.raw_serial is not None else self.raw
 
     async def recover(self, phase: str, error: BaseException) -> None:
         """After a failure: wait for the server, reconnect, drop stale pooled connections.
@@ -296,6 +301,8 @@ class Target:
         self.admin = await PostgresAdmin.connect(self.pg_url)
         assert isinstance(self.raw, RawPostgres)
         await self.raw.expire()
+        if isinstance(self.raw_serial, RawPostgres):
+            await self.raw_serial.expire()
         await self.sql.engine.dispose()
 
 
@@ -305,9 +312,15 @@ async def open_postgresql(args: argparse.Namespace) -> Target:
     sa_url = sqlalchemy_url(args.pg_url)
     await migrate(sa_url)
     raw = await RawPostgres.connect(asyncpg_dsn(args.pg_url), args.pool_size)
+    dedicated = await RawPostgres.dedicated(asyncpg_dsn(args.pg_url))
     sql = SQLAlchemyBackend.from_url(sa_url, pool_size=args.pool_size, max_overflow=0)
     admin = await PostgresAdmin.connect(args.pg_url)
-    return Target("postgresql", sa_url, raw, sql, admin, raw.close, args.pg_url)
+
+    async def close_raw() -> None:
+        await raw.close()
+        await dedicated.close()
+
+    return Target("postgresql", sa_url, raw, sql, admin, close_raw, args.pg_url, dedicated)
 
 
 async def open_sqlite(args: argparse.Namespace, directory: str) -> Target:
@@ -431,22 +444,25 @@ async def bench_operations(t: Target, args: argparse.Namespace, w: Workload) -> 
     for op in args.operations:
         for store in (t.raw, t.sql):
             await timed_round(t, w, op, store, max(args.warmup, warm_concurrency), warm_concurrency)
+        if t.raw_serial is not None:  # one connection: one call at a time
+            await timed_round(t, w, op, t.raw_serial, args.warmup, 1)
     await resilient(t, "maintenance", lambda t: t.admin.maintain())
 
     results = []
     for mode in args.modes:
         concurrency = 1 if mode == "serial" else args.concurrency
+        raw_store = t.raw_for(mode)
         for op in args.operations:
             if args.count:
                 n = args.count
             else:  # calibrate on the raw driver: about --duration seconds per raw round
-                probe = await timed_round(t, w, op, t.raw, args.warmup, concurrency)
+                probe = await timed_round(t, w, op, raw_store, args.warmup, concurrency)
                 n = max(20, 2 * concurrency, round(probe.ops_per_s * args.duration))
             result = OpResult(t.db, mode, op, concurrency, n)
             for rep in range(args.repeats):
                 stores = ("raw", "sql") if rep % 2 == 0 else ("sql", "raw")
                 for name in stores:
-                    store = t.raw if name == "raw" else t.sql
+                    store = raw_store if name == "raw" else t.sql
                     sample = await timed_round(t, w, op, store, n, concurrency)
                     (result.raw if name == "raw" else result.sql).append(sample)
             await resilient(t, "maintenance", lambda t: t.admin.maintain())

@@ -77,22 +77,33 @@ async def _no_reset(connection: asyncpg.Connection) -> None:
 
 
 class RawPostgres:
-    """The operations on a bare asyncpg pool."""
+    """The operations on a bare asyncpg pool, or on one dedicated asyncpg connection (the
+    limit for a serial caller: no pool at all)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, dsn: str) -> None:
+        self._pool = pool  # a connection has the same fetch/fetchval/execute calls
+        self._dsn = dsn
 
     @classmethod
     async def connect(cls, dsn: str, size: int) -> RawPostgres:
         pool = await asyncpg.create_pool(dsn, min_size=size, max_size=size, reset=_no_reset)
-        return cls(pool)
+        return cls(pool, dsn)
+
+    @classmethod
+    async def dedicated(cls, dsn: str) -> RawPostgres:
+        return cls(await asyncpg.connect(dsn), dsn)
 
     async def close(self) -> None:
         await self._pool.close()
 
     async def expire(self) -> None:
-        """Replace every pooled connection on its next use (after a server restart)."""
-        await self._pool.expire_connections()
+        """Replace every pooled connection on its next use, or the dedicated connection now
+        (after a server restart)."""
+        if isinstance(self._pool, asyncpg.Pool):
+            await self._pool.expire_connections()
+        else:
+            self._pool.terminate()
+            self._pool = await asyncpg.connect(self._dsn)
 
     async def get_session_age(self, session_id: str) -> int | None:
         created_at: datetime | None = await self._pool.fetchval(PG.get_session_age, session_id)
