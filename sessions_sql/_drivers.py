@@ -12,6 +12,7 @@ as plain coroutines: the backend awaits them directly on a connection it keeps, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -84,12 +85,20 @@ class Driver:
     #: After the driver gave up waiting for a statement (a client timeout), wait until the
     #: server has ended it, so that a call that raised leaves nothing running behind it.
     settle: Callable[[Any], Awaitable[object]]
+    #: After a script was cancelled inside its transaction, end that transaction once the
+    #: statement the script was waiting for is over; the connection is discarded next.
+    abandon: Callable[[Any], Awaitable[object]]
 
 
 async def _asyncpg_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
     status: str = await conn.execute(sql, *args)  # "DELETE 3", "INSERT 0 1", "BEGIN"
     count = status.rpartition(" ")[2]
     return int(count) if count.isdigit() else 0
+
+
+async def _nothing_to_abandon(conn: Any) -> None:
+    """asyncpg runs one operation at a time, the cancelled one still; the server ends the
+    transaction when the discarded connection closes."""
 
 
 # asyncpg prepares each statement once per connection (its statement cache) and needs no
@@ -104,6 +113,7 @@ _ASYNCPG = Driver(
     # On a timeout asyncpg sends the server a cancel request; its next query on the
     # connection waits until the cancelled statement has ended.
     settle=lambda conn: conn.execute("SELECT 1"),
+    abandon=_nothing_to_abandon,
 )
 
 
@@ -125,6 +135,11 @@ _AIOSQLITE = Driver(
     in_transaction=lambda conn: bool(conn.in_transaction),
     is_closed=lambda conn: False,  # a local file: nothing to lose but the process
     settle=_nothing_to_settle,
+    # Calls queue on the connection's thread, so the rollback runs after the cancelled
+    # statement. Closing alone does not end the transaction while a cursor of it lives on
+    # (in the traceback of the cancellation, say): SQLite keeps a connection with statements
+    # not yet reset open, write lock included, until they are freed.
+    abandon=lambda conn: conn.rollback(),
 )
 
 _DRIVERS = {driver.name: driver for driver in (_ASYNCPG, _AIOSQLITE)}
@@ -153,8 +168,9 @@ async def run_script(
     """Run ``script`` as one transaction on the driver connection ``conn``.
 
     A single statement runs alone (one round trip in autocommit); a longer script, or one
-    statement run once per row, runs between ``begin`` and COMMIT. A script that fails is rolled
-    back; one that is cancelled is not, and its connection must be discarded.
+    statement run once per row, runs between ``begin`` and COMMIT. A script that fails is
+    rolled back; one that is cancelled is abandoned (:attr:`Driver.abandon`), and its
+    connection must be discarded.
     """
     if len(script) == 1 and script[0].rows is None:
         (statement,) = script
@@ -176,9 +192,14 @@ async def run_script(
             outcome = await _run(driver, conn, statement, params)
         await driver.count(conn, "COMMIT", ())
     except Exception:
-        # (A cancelled call rolls back nothing here: the connection may still be busy with
-        # the statement it was waiting for, so the caller discards the connection instead.)
         if driver.in_transaction(conn):  # also waits out a statement the driver gave up on
             await driver.count(conn, "ROLLBACK", ())
+        raise
+    except asyncio.CancelledError:
+        # The connection may still be busy with the statement the call was waiting for, so
+        # the caller discards it; the driver ends the transaction first where it can. An
+        # error doing so must not replace the cancellation.
+        with contextlib.suppress(Exception):
+            await driver.abandon(conn)
         raise
     return outcome

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,13 +24,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from sessions_sql import SessionCollector, SQLAlchemyBackend
+from sessions_sql import SessionCollector, SQLAlchemyBackend, migrate
 
 from .conftest import guard, now, queue_pool
 
@@ -699,3 +700,56 @@ async def test_expiry_extensions_racing_the_collector(db_url: str) -> None:
         assert len(removed) > 2
     finally:
         await backend.close()
+
+
+# 7. A write cancelled inside its transaction, at the point that once left SQLite locked.
+
+
+class CancelledAsItReturns(sqlite3.Connection):
+    """A SQLite connection whose next ``executemany`` cancels ``victim`` as it returns, and
+    keeps its cursor alive (whose statement executemany leaves unreset). A cancellation
+    that lands just after aiosqlite resolved the call does the same: the traceback of the
+    CancelledError holds aiosqlite's future, so the cursor, while the task or it lives."""
+
+    victim: ClassVar[tuple[asyncio.AbstractEventLoop, asyncio.Task[None]] | None] = None
+    cursors: ClassVar[list[sqlite3.Cursor]] = []
+
+    def executemany(self, *args: Any) -> sqlite3.Cursor:
+        cursor = super().executemany(*args)
+        victim, CancelledAsItReturns.victim = CancelledAsItReturns.victim, None
+        if victim is not None:
+            loop, task = victim
+            CancelledAsItReturns.cursors.append(cursor)
+            loop.call_soon_threadsafe(task.cancel)
+        return cursor
+
+
+@pytest.mark.parametrize("owned", [False, True], ids=["host-engine", "from_url"])
+async def test_write_cancelled_inside_its_transaction_leaves_no_sqlite_lock(
+    sqlite_url: str, owned: bool
+) -> None:
+    """A SQLite write cancelled inside its transaction, while a cursor of its statements is
+    still alive, ends that transaction before its connection is discarded: the next write
+    gets SQLite's write lock (rather than waiting out the busy timeout behind a closed
+    connection that still holds it), and the cancelled write left nothing behind."""
+    await migrate(sqlite_url)
+    options: dict[str, Any] = {"connect_args": {"factory": CancelledAsItReturns}}
+    if owned:
+        backend = SQLAlchemyBackend.from_url(sqlite_url, **options)
+    else:
+        backend = SQLAlchemyBackend(create_async_engine(sqlite_url, **options))
+    engine = create_async_engine(sqlite_url)  # for the checks
+    try:
+        write = asyncio.create_task(backend.write_values("s", {"a": b"1", "b": b"2"}))
+        CancelledAsItReturns.victim = (asyncio.get_running_loop(), write)
+        await asyncio.wait({write})
+        assert write.cancelled()
+        await guard(backend.write_value("next", "k", b"v"), "the write after the cancelled one")
+        assert await stored_values(engine, "s") == (False, {})
+        assert await stored_values(engine, "next") == (True, {"k": b"v"})
+    finally:
+        CancelledAsItReturns.victim = None
+        CancelledAsItReturns.cursors.clear()
+        await engine.dispose()
+        await backend.close()
+        await backend.engine.dispose()
