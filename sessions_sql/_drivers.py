@@ -152,6 +152,7 @@ def driver_for(name: str) -> Driver | None:
 
 
 async def _run(driver: Driver, conn: Any, statement: Statement, params: Params) -> Outcome:
+    """Run one statement and return its rows or row count (0 when run once per row)."""
     if statement.rows is not None:
         rows = params[statement.rows]
         if rows:
@@ -173,13 +174,8 @@ async def run_script(
     connection must be discarded.
     """
     if len(script) == 1 and script[0].rows is None:
-        (statement,) = script
-        outcome: Outcome
         try:
-            if statement.returns_rows:
-                outcome = await driver.rows(conn, statement.sql, statement.args(params))
-            else:
-                outcome = await driver.count(conn, statement.sql, statement.args(params))
+            outcome = await _run(driver, conn, script[0], params)
         except asyncio.TimeoutError:
             await driver.settle(conn)
             raise
