@@ -1,5 +1,5 @@
-"""Running compiled statements on the driver's own connection: the fast path of asyncpg and
-aiosqlite (other drivers run the statements through SQLAlchemy Core instead).
+"""Running compiled statements on the driver's own connection: the fast path of asyncpg,
+psycopg and aiosqlite (other drivers run the statements through SQLAlchemy Core instead).
 
 On its pooled path the backend checks a connection out of the engine's pool and sends the
 statements of ``_dialects`` straight to the driver: each is compiled once per backend to
@@ -88,6 +88,13 @@ class Driver:
     #: After a script was cancelled inside its transaction, end that transaction once the
     #: statement the script was waiting for is over; the connection is discarded next.
     abandon: Callable[[Any], Awaitable[object]]
+    #: Put the connection in autocommit for a call, and back as the pool had it after it
+    #: (for drivers whose connections are not in autocommit by default).
+    enter: Callable[[Any], Awaitable[object]] | None = None
+    leave: Callable[[Any], Awaitable[object]] | None = None
+    #: The parameter style to compile for, if not the SQLAlchemy dialect's (which must be
+    #: positional).
+    paramstyle: str | None = None
 
 
 async def _asyncpg_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
@@ -97,7 +104,7 @@ async def _asyncpg_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
 
 
 async def _nothing_to_abandon(conn: Any) -> None:
-    """asyncpg runs one operation at a time, the cancelled one still; the server ends the
+    """The driver runs one operation at a time, the cancelled one still; the server ends the
     transaction when the discarded connection closes."""
 
 
@@ -142,7 +149,53 @@ _AIOSQLITE = Driver(
     abandon=lambda conn: conn.rollback(),
 )
 
-_DRIVERS = {driver.name: driver for driver in (_ASYNCPG, _AIOSQLITE)}
+
+async def _psycopg_rows(conn: Any, sql: str, args: tuple[Any, ...]) -> Sequence[Sequence[Any]]:
+    cursor = await conn.execute(sql, args)
+    rows: Sequence[Sequence[Any]] = await cursor.fetchall()
+    return rows
+
+
+async def _psycopg_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
+    cursor = await conn.execute(sql, args)
+    return max(0, int(cursor.rowcount))
+
+
+async def _psycopg_many(conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    async with conn.cursor() as cursor:
+        await cursor.executemany(sql, rows)
+
+
+async def _psycopg_autocommit(conn: Any) -> None:
+    if not conn.autocommit:
+        await conn.set_autocommit(True)
+
+
+async def _psycopg_pool_mode(conn: Any) -> None:
+    # SQLAlchemy's pool keeps psycopg connections out of autocommit (it begins transactions
+    # for the engine's other users) unless the engine's isolation level says otherwise.
+    if conn.autocommit:
+        await conn.set_autocommit(False)
+
+
+# psycopg sends a single statement as one round trip in autocommit (outside it, a BEGIN
+# first); it prepares a statement after prepare_threshold executions (None: never, for
+# PgBouncer in transaction mode). Compiled with positional %s parameters.
+_PSYCOPG = Driver(
+    name="psycopg",
+    rows=_psycopg_rows,
+    count=_psycopg_count,
+    many=_psycopg_many,
+    in_transaction=lambda conn: conn.info.transaction_status.name != "IDLE",
+    is_closed=lambda conn: bool(conn.closed),
+    settle=_nothing_to_settle,  # no client-side timeout of its own
+    abandon=_nothing_to_abandon,  # the server ends the transaction when the connection closes
+    enter=_psycopg_autocommit,
+    leave=_psycopg_pool_mode,
+    paramstyle="format",
+)
+
+_DRIVERS = {driver.name: driver for driver in (_ASYNCPG, _AIOSQLITE, _PSYCOPG)}
 
 
 def driver_for(name: str) -> Driver | None:

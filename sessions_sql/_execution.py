@@ -20,7 +20,7 @@ import contextlib
 import copy
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import event
@@ -76,6 +76,16 @@ class LoopLock:
         self._lock().release()
 
 
+# A prepared statement missing, or there twice, on the server connection: the client's
+# connections do not own their server connections (PgBouncer in transaction mode).
+_PREPARED_STATEMENT_MIXUP = {"26000", "42P05"}
+_POOLER_HINT = (
+    "; prepared statements were not found on the server connection, as behind PgBouncer in "
+    "transaction mode: connect with statement_cache_size=0 (asyncpg: "
+    'connect_args={"statement_cache_size": 0}) or prepare_threshold=None (psycopg)'
+)
+
+
 def backend_error(operation: str, error: Exception) -> BackendError:
     """A BackendError for a failed operation; the message names no id, key or value."""
     if isinstance(error, StatementError):
@@ -86,9 +96,14 @@ def backend_error(operation: str, error: Exception) -> BackendError:
     else:
         orig = getattr(error, "orig", None) or error
         reason = f"the database raised {type(orig).__name__}"
-        sqlstate = getattr(orig, "sqlstate", None)
+        sqlstate = _sqlstate(error)
         if sqlstate:
             reason += f" (SQLSTATE {sqlstate})"
+        # (08P01: a protocol violation, here "bind message supplies N parameters, but
+        # prepared statement ... requires M": another client's statement of the same name.)
+        mixup = sqlstate in _PREPARED_STATEMENT_MIXUP
+        if mixup or (sqlstate == "08P01" and "prepared statement" in str(orig)):
+            reason += _POOLER_HINT
     return BackendError(f"{operation} failed: {reason}")
 
 
@@ -106,8 +121,11 @@ class _Kept:
     the pool.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, leave: Callable[[Any], Awaitable[object]] | None
+    ) -> None:
         self._engine = engine
+        self._leave = leave  # puts a connection back as the pool had it (Driver.leave)
         self._idle: list[PoolProxiedConnection] = []  # only while nobody waits
         pool_size = getattr(engine.sync_engine.pool, "size", None)  # StaticPool: one
         self._limit = pool_size() if pool_size is not None else 1
@@ -178,6 +196,9 @@ class _Kept:
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         self._count -= len(idle)
+        if self._leave is not None:
+            for connection in idle:
+                await self._leave(connection.driver_connection)
         await greenlet_spawn(_close_each, idle)
 
 
@@ -194,8 +215,11 @@ class Executor:
         self._driver = driver_for(engine.dialect.driver)
         self._compiled: dict[Script, tuple[Statement, ...]] = {}
         if self._driver is not None:
+            dialect: Any = engine.dialect
+            if self._driver.paramstyle is not None:  # the same dialect, other placeholders
+                dialect = type(dialect)(paramstyle=self._driver.paramstyle)
             self._compiled = {
-                script: compile_script(script, engine.dialect, schema) for script in sql.scripts()
+                script: compile_script(script, dialect, schema) for script in sql.scripts()
             }
         # Without a fast path: the same pool, with its connections in autocommit.
         self._autocommit = engine.sync_engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -215,7 +239,7 @@ class Executor:
         """Keep connections checked out between calls (for an engine of our own whose driver
         has a fast path)."""
         if self._driver is not None:
-            self._kept = _Kept(self._engine)
+            self._kept = _Kept(self._engine, self._driver.leave)
 
     def bound(self, connection: AsyncConnection | AsyncSession) -> Executor:
         """An executor running the scripts inside ``connection``'s transaction."""
@@ -303,9 +327,14 @@ class Executor:
         pooled = self._engine.sync_engine.raw_connection()
         conn = pooled.driver_connection
         try:
-            return await_only(
+            if driver.enter is not None:
+                await_only(driver.enter(conn))
+            outcome = await_only(
                 run_script(driver, conn, self._sql.begin, self._compiled[script], params)
             )
+            if driver.leave is not None:
+                await_only(driver.leave(conn))
+            return outcome
         except BaseException as error:
             if self._unusable(driver, conn, error):
                 stale = driver.is_closed(conn)
@@ -313,6 +342,8 @@ class Executor:
                 pooled.invalidate(error)
                 if stale:
                     raise _StaleConnection from error
+            elif driver.leave is not None:
+                await_only(driver.leave(conn))
             raise
         finally:
             pooled.close()
@@ -325,6 +356,8 @@ class Executor:
         connection = kept.take_idle() or await kept.take()
         conn = connection.driver_connection
         try:
+            if driver.enter is not None:  # and it stays so while kept
+                await driver.enter(conn)
             outcome = await run_script(
                 driver, conn, self._sql.begin, self._compiled[script], params
             )

@@ -3,7 +3,9 @@ asyncpg and through psycopg 3.
 
 PostgreSQL comes from SESSIONS_SQL_TEST_POSTGRES_URL (any database on the server; the tests
 create and drop databases of their own beside it). Without the variable the PostgreSQL cases
-skip, except when CI is set: then a missing or unreachable server fails the run.
+skip, except when CI is set: then a missing or unreachable server fails the run. The contract
+and race tests also run through PgBouncer in transaction mode, from
+SESSIONS_SQL_TEST_PGBOUNCER_URL (a PgBouncer in front of that server; same rules).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
@@ -26,6 +28,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sessions_sql import MemoryBackend, SQLAlchemyBackend, migrate
 
 POSTGRES_ENV = "SESSIONS_SQL_TEST_POSTGRES_URL"
+PGBOUNCER_ENV = "SESSIONS_SQL_TEST_PGBOUNCER_URL"
 HANG_GUARD = 60.0  # seconds; only ever reached by a hang
 
 
@@ -45,10 +48,31 @@ async def guard(awaitable: Awaitable[Any], what: str) -> Any:
     return task.result()
 
 
-def _postgres_unavailable(reason: str) -> None:
+def _postgres_unavailable(reason: str, what: str = "PostgreSQL") -> None:
     if os.environ.get("CI"):
-        pytest.fail(f"CI is set but PostgreSQL is not usable: {reason}", pytrace=False)
-    pytest.skip(f"PostgreSQL tests skipped: {reason}")
+        pytest.fail(f"CI is set but {what} is not usable: {reason}", pytrace=False)
+    pytest.skip(f"{what} tests skipped: {reason}")
+
+
+#: What the README tells applications behind PgBouncer in transaction mode to pass as
+#: connect_args, by driver.
+PGBOUNCER_CONNECT_ARGS: dict[str, dict[str, Any]] = {
+    "asyncpg": {"statement_cache_size": 0},
+    "psycopg": {"prepare_threshold": None},
+}
+_PGBOUNCER_PORT = (
+    make_url(os.environ[PGBOUNCER_ENV]).port if os.environ.get(PGBOUNCER_ENV) else None
+)
+
+
+@event.listens_for(Engine, "do_connect")
+def _pgbouncer_settings(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    """Every engine of the tests that connects through PgBouncer gets exactly those settings,
+    as if its connect_args held them (connect_args given explicitly win)."""
+    port = cparams.get("port")
+    if _PGBOUNCER_PORT is not None and port is not None and int(port) == _PGBOUNCER_PORT:
+        for name, value in PGBOUNCER_CONNECT_ARGS.get(dialect.driver, {}).items():
+            cparams.setdefault(name, value)
 
 
 async def _admin(url: str, *statements: str) -> None:
@@ -115,6 +139,22 @@ def with_driver(url: str, driver: str) -> str:
     )
 
 
+@pytest.fixture(scope="session")
+def pgbouncer_url(postgres_url: str) -> str:
+    """``postgres_url``'s database through PgBouncer (transaction mode), asyncpg driver."""
+    raw = os.environ.get(PGBOUNCER_ENV)
+    if not raw:
+        _postgres_unavailable(f"{PGBOUNCER_ENV} is not set", "PgBouncer")
+    bouncer = make_url(raw)
+    url = make_url(postgres_url).set(host=bouncer.host, port=bouncer.port)
+    rendered = url.render_as_string(hide_password=False)
+    try:
+        asyncio.run(_admin(rendered, "SELECT 1"))
+    except (OSError, SQLAlchemyError) as error:
+        _postgres_unavailable(f"cannot connect ({type(error).__name__}: {error})", "PgBouncer")
+    return rendered
+
+
 def empty_database(request: pytest.FixtureRequest, database: str) -> str:
     if database == "sqlite":
         url: str = request.getfixturevalue("sqlite_url")
@@ -122,11 +162,15 @@ def empty_database(request: pytest.FixtureRequest, database: str) -> str:
         return url
     url = request.getfixturevalue("postgres_url")
     asyncio.run(_admin(url, "TRUNCATE sessions, session_values"))
-    return with_driver(url, "psycopg") if database == "psycopg" else url
+    if database.startswith("pgbouncer"):
+        url = request.getfixturevalue("pgbouncer_url")
+    return with_driver(url, "psycopg") if database.endswith("psycopg") else url
 
 
 #: The databases (and, for PostgreSQL, drivers) every backend test runs on.
 DATABASES = ["sqlite", "postgresql", "psycopg"]
+#: PostgreSQL through PgBouncer in transaction mode, for the contract and race tests.
+PGBOUNCER = ["pgbouncer", "pgbouncer-psycopg"]
 
 
 @pytest.fixture(params=DATABASES)

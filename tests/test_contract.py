@@ -15,6 +15,15 @@ from sessions_sql.testing import (
     SessionListingContract,
 )
 
+from .conftest import DATABASES, PGBOUNCER, empty_database
+
+
+@pytest.fixture(params=[*DATABASES, *PGBOUNCER])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Every database, and PostgreSQL through PgBouncer in transaction mode too."""
+    return empty_database(request, request.param)
+
+
 EXTENSIONS = (
     BulkRemovalContract,
     BatchValuesContract,
