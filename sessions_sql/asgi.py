@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable, MutableMapping
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection, cookie_parser
@@ -206,6 +206,19 @@ class SessionMiddleware:
         return f"{self.cookie_name}={_EXPIRED}{self._attributes}"
 
 
+class _Stored(NamedTuple):
+    """A value as loaded: its own expiry (from sessions_sql.Session.expire), its bytes, and
+    the object decoded from them."""
+
+    expires_at: int | None
+    data: bytes
+    value: Any
+
+
+#: Values that cannot change in place: the very object loaded is the value stored.
+_IMMUTABLE = (str, int, float, bool, type(None))
+
+
 class _Exchange:
     """One request's session: what was loaded, and the save at response time."""
 
@@ -226,7 +239,7 @@ class _Exchange:
         self.session_id: str | None = None  # the id of a live stored session, never the client's
         self.created_at = 0
         self.expires_at: int | None = None
-        self.loaded: dict[str, tuple[int | None, bytes]] = {}  # key -> (key expiry, stored bytes)
+        self.loaded: dict[str, _Stored] = {}
         self.session = SessionData()
         self.saved = False
 
@@ -250,36 +263,43 @@ class _Exchange:
             return
         self.session_id, self.created_at = cookie, snapshot.created_at
         self.expires_at = snapshot.expires_at
-        values = {}
         for key, data in snapshot.values.items():
             key_expiry, value = _decode(data)
             if key_expiry is None or key_expiry >= now:
-                values[key] = value
-                self.loaded[key] = (key_expiry, data)
-        self.session.update(values)
+                self.loaded[key] = _Stored(key_expiry, data, value)
+        self.session.update({key: stored.value for key, stored in self.loaded.items()})
+
+    def _changed(self) -> dict[str, bytes]:
+        """The encoding of every value that is new or differs from what was loaded (a value
+        changed in place included: its JSON encoding differs)."""
+        changed = {}
+        loaded = self.loaded
+        for key, value in self.session.items():
+            stored = loaded.get(key)
+            if stored is None:
+                changed[key] = _encode(None, value)
+            elif not (value is stored.value and isinstance(value, _IMMUTABLE)):
+                data = _encode(stored.expires_at, value)
+                if data != stored.data:
+                    changed[key] = data
+        return changed
 
     async def save(self, message: Message | None, *, vary: bool) -> None:
         """Write what changed; add Set-Cookie (and Vary) to ``message``'s headers."""
         m, session = self.middleware, self.session
-        if not session and not self.loaded and not session.rotate:
-            # Nothing stored, nothing to store: the common request without a session.
-            if vary and session.accessed and message is not None:
-                message.setdefault("headers", [])
-                MutableHeaders(scope=message).add_vary_header("Cookie")
-            self.saved = True
-            return
-        now = math.floor(m.clock())
-        encoded = {key: self._encode(key, value) for key, value in session.items()}
         cookie: str | None = None
-        try:
-            if self.session_id is None or session.rotate:
-                cookie = await self._save_new(message, encoded, now)
-            else:
-                cookie = await self._save_existing(encoded, now)
-        except Exception as error:
-            if not isinstance(error, (TypeError, ValueError, RuntimeError)):
-                logger.error("saving the session failed: %s", _failure(error))
-            raise
+        if session or self.loaded or session.rotate:
+            changed = self._changed()
+            now = math.floor(m.clock())
+            try:
+                if self.session_id is None or session.rotate:
+                    cookie = await self._save_new(message, changed, now)
+                else:
+                    cookie = await self._save_existing(changed, now)
+            except Exception as error:
+                if not isinstance(error, (TypeError, ValueError, RuntimeError)):
+                    logger.error("saving the session failed: %s", _failure(error))
+                raise
         self.saved = True
         if message is not None and (cookie is not None or (vary and session.accessed)):
             message.setdefault("headers", [])
@@ -289,22 +309,15 @@ class _Exchange:
             if cookie is not None:
                 headers.append("set-cookie", cookie)
 
-    def _key_expiry(self, key: str) -> int | None:
-        """A loaded key's own expiry (set through sessions_sql.Session.expire), kept on rewrite."""
-        stored = self.loaded.get(key)
-        return None if stored is None else stored[0]
-
-    def _encode(self, key: str, value: Any) -> bytes:
-        return _encode(self._key_expiry(key), value)
-
     async def _save_new(
-        self, message: Message | None, encoded: dict[str, bytes], now: int
+        self, message: Message | None, changed: dict[str, bytes], now: int
     ) -> str | None:
         """A first value, ``regenerate_session`` or ``clear()``: the values (if any) go to a
         new id, then the old session (if any) is removed."""
-        m, old = self.middleware, self.session_id
+        m, old, loaded = self.middleware, self.session_id, self.loaded
+        values = {key: changed[key] if key in changed else loaded[key].data for key in self.session}
         cookie = None
-        if encoded:
+        if values:
             if message is None:
                 raise RuntimeError(
                     "a new session id cannot reach the client after the WebSocket handshake: "
@@ -315,29 +328,24 @@ class _Exchange:
                 (now + t for t in (m.idle_timeout, m.absolute_timeout) if t is not None),
                 default=None,
             )
-            await m.backend.update_session(new_id, encoded, expires_at=expires_at)
-            self.loaded = {key: (self._key_expiry(key), data) for key, data in encoded.items()}
+            await m.backend.update_session(new_id, values, expires_at=expires_at)
             self.session_id, self.created_at, self.expires_at = new_id, now, expires_at
             cookie = m.set_cookie(new_id, None if expires_at is None else expires_at - now)
         else:
-            self.session_id, self.loaded = None, {}
+            self.session_id = None
             if self.cookie is not None:
                 cookie = m.expire_cookie()
+        self._rebase(values)
         self.session.rotate = False
         if old is not None:
             await m.backend.remove_session(old)
         return cookie
 
-    async def _save_existing(self, encoded: dict[str, bytes], now: int) -> str | None:
+    async def _save_existing(self, changed: dict[str, bytes], now: int) -> str | None:
         """Write the changed keys, remove the deleted ones and push the idle expiry, in one
         update_session call; return the refreshed cookie if the expiry moved."""
-        m, loaded = self.middleware, self.loaded
-        writes = {
-            key: data
-            for key, data in encoded.items()
-            if key not in loaded or loaded[key][1] != data
-        }
-        removes = [key for key in loaded if key not in encoded]
+        m, session = self.middleware, self.session
+        removed = [key for key in self.loaded if key not in session]
         expires_at: int | None = None
         if m.idle_timeout is not None:
             candidate = now + m.idle_timeout
@@ -346,20 +354,28 @@ class _Exchange:
             assert m.refresh_interval is not None
             if self.expires_at is None or candidate - self.expires_at >= m.refresh_interval:
                 expires_at = candidate
-        if not writes and not removes and expires_at is None:
+        if not changed and not removed and expires_at is None:
             return None
         assert self.session_id is not None
         await m.backend.update_session(
             self.session_id,
-            writes or None,
-            remove=removes,
+            changed or None,
+            remove=removed,
             expires_at=KEEP if expires_at is None else expires_at,
         )
-        for key, data in writes.items():
-            loaded[key] = (self._key_expiry(key), data)
-        for key in removes:
-            del loaded[key]
+        self._rebase(changed)
         if expires_at is None:
             return None
         self.expires_at = expires_at
         return m.set_cookie(self.session_id, max(0, expires_at - now))
+
+    def _rebase(self, written: dict[str, bytes]) -> None:
+        """After a save, what is stored is the baseline of the next one (a WebSocket saves
+        again when its handler returns)."""
+        loaded = self.loaded
+        self.loaded = {
+            key: _Stored(loaded[key].expires_at if key in loaded else None, written[key], value)
+            if key in written
+            else loaded[key]
+            for key, value in self.session.items()
+        }
