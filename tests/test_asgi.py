@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
@@ -657,3 +659,13 @@ async def test_regenerate_when_removing_the_old_session_fails(
             {"cart": ["apple"], "user_id": 42}
         ]
         assert await pg_backend.get_session_expiry(others[0]) == int(clock.now) + IDLE
+
+
+def test_importing_sessions_sql_imports_no_framework() -> None:
+    code = (
+        "import sys, sessions_sql, sessions_sql.testing\n"
+        "loaded = {'starlette', 'starsessions', 'fastapi', 'httpx'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
