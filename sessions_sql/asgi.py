@@ -197,12 +197,12 @@ class SessionMiddleware:
                         return cookie
         return None
 
-    def set_cookie(self, session_id: str, max_age: int | None) -> str:
+    def _set_cookie(self, session_id: str, max_age: int | None) -> str:
         """The Set-Cookie value for a session id (no Max-Age: a browser-session cookie)."""
         tail = "" if max_age is None else f"; Max-Age={max_age}"
         return f"{self.cookie_name}={session_id}{tail}{self._attributes}"
 
-    def expire_cookie(self) -> str:
+    def _expired_cookie(self) -> str:
         return f"{self.cookie_name}={_EXPIRED}{self._attributes}"
 
 
@@ -330,11 +330,11 @@ class _Exchange:
             )
             await m.backend.update_session(new_id, values, expires_at=expires_at)
             self.session_id, self.created_at, self.expires_at = new_id, now, expires_at
-            cookie = m.set_cookie(new_id, None if expires_at is None else expires_at - now)
+            cookie = m._set_cookie(new_id, None if expires_at is None else expires_at - now)
         else:
             self.session_id = None
             if self.cookie is not None:
-                cookie = m.expire_cookie()
+                cookie = m._expired_cookie()
         self._rebase(values)
         self.session.rotate = False
         if old is not None:
@@ -367,7 +367,7 @@ class _Exchange:
         if expires_at is None:
             return None
         self.expires_at = expires_at
-        return m.set_cookie(self.session_id, max(0, expires_at - now))
+        return m._set_cookie(self.session_id, max(0, expires_at - now))
 
     def _rebase(self, written: dict[str, bytes]) -> None:
         """After a save, what is stored is the baseline of the next one (a WebSocket saves
