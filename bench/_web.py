@@ -300,6 +300,7 @@ async def run_web(
     """Measure every peer on every request kind; return rounds and medians by kind and peer."""
     rounds: dict[str, dict[str, list[Sample]]] = {kind: {} for kind in KINDS}
     incidents: list[dict[str, str]] = []
+    load_before = os.getloadavg()
 
     async def retrying(what: str, step: Callable[[], Awaitable[_T]]) -> _T:
         for attempt in range(1, ATTEMPTS + 1):
@@ -356,6 +357,8 @@ async def run_web(
         "transport": "httpx.ASGITransport, in-process",
         "versions": VERSIONS,
         "incidents": incidents,
+        # The machine is shared: its load average (1, 5, 15 min) before and after the part.
+        "load_average": {"before": load_before, "after": os.getloadavg()},
         "kinds": {
             kind: {name: _summary(samples) for name, samples in by_peer.items()}
             for kind, by_peer in rounds.items()
