@@ -20,6 +20,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import itertools
+import logging
 import os
 import statistics
 import sys
@@ -301,6 +302,8 @@ async def run_web(
     rounds: dict[str, dict[str, list[Sample]]] = {kind: {} for kind in KINDS}
     incidents: list[dict[str, str]] = []
     load_before = os.getloadavg()
+    # A failed repeat is recorded in the incidents; its requests' log records are not needed.
+    logging.getLogger("sessions_sql.asgi").setLevel(logging.CRITICAL)
 
     async def retrying(what: str, step: Callable[[], Awaitable[_T]]) -> _T:
         for attempt in range(1, ATTEMPTS + 1):
