@@ -125,6 +125,22 @@ ROUTES = [
 ]
 
 
+#: Attempts of one step (a repeat, the seeding) before a failure is final.
+ATTEMPTS = 5
+
+
+async def _wait_for_postgresql(args: argparse.Namespace) -> None:
+    """Wait until the server accepts connections again (another user may restart it)."""
+    for _ in range(600):
+        try:
+            conn = await asyncpg.connect(asyncpg_dsn(args.pg_url))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await asyncio.sleep(1)
+            continue
+        await conn.close()
+        return
+
+
 @dataclass
 class Peer:
     """One session layer: its application and how to tear down what it opened."""
@@ -180,12 +196,22 @@ async def peers(args: argparse.Namespace, directory: str) -> AsyncIterator[list[
         )
 
         if "postgresql" in args.db:
-            await ensure_database(args.pg_url)
             pg_url = sqlalchemy_url(args.pg_url)
-            await migrate(pg_url)
-            await _empty(pg_url)
+
+            async def prepare_database() -> None:
+                await ensure_database(args.pg_url)
+                await migrate(pg_url)
+                await _empty(pg_url)
+
+            await _until_it_works(args, prepare_database)
             backend = SQLAlchemyBackend.from_url(pg_url, pool_size=args.pool_size, max_overflow=0)
-            opened.append(_ours("sessions_sql postgresql", backend, lambda: _empty(pg_url)))
+            opened.append(
+                _ours(
+                    "sessions_sql postgresql",
+                    backend,
+                    lambda: _until_it_works(args, lambda: _empty(pg_url)),
+                )
+            )
             # The same database, with commits that do not wait for the WAL flush: the cost of
             # durability, which the Redis peer (no persistence) does not pay.
             relaxed = SQLAlchemyBackend.from_url(
@@ -279,20 +305,16 @@ def _kinds(peer: Peer) -> tuple[str, ...]:
     return ("no_cookie",) if peer.name == "no sessions" else KINDS
 
 
-#: Attempts of one step (a repeat, the seeding) before a failure is final.
-ATTEMPTS = 5
-
-
-async def _wait_for_postgresql(args: argparse.Namespace) -> None:
-    """Wait until the server accepts connections again (another user may restart it)."""
-    for _ in range(600):
+async def _until_it_works(args: argparse.Namespace, step: Callable[[], Awaitable[_T]]) -> _T:
+    """Run an untimed step, again after the server is back if it failed."""
+    for attempt in range(1, ATTEMPTS + 1):
         try:
-            conn = await asyncpg.connect(asyncpg_dsn(args.pg_url))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            await asyncio.sleep(1)
-            continue
-        await conn.close()
-        return
+            return await step()
+        except Exception:
+            if attempt == ATTEMPTS:
+                raise
+            await _wait_for_postgresql(args)
+    raise AssertionError("unreachable")
 
 
 async def run_web(
@@ -306,6 +328,7 @@ async def run_web(
     logging.getLogger("sessions_sql.asgi").setLevel(logging.CRITICAL)
 
     async def retrying(what: str, step: Callable[[], Awaitable[_T]]) -> _T:
+        # Like _until_it_works, and the failure is recorded.
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 return await step()
