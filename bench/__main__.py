@@ -62,7 +62,8 @@ FULL = {
     "gc_sessions": 1_000_000,
     "gc_baseline": 3.0,
     "listing_sessions": 1_000_000,
-    "web_requests": 2000,
+    "web_requests": 1000,
+    "web_repeats": 9,
     "web_sessions": 200,
     "web_warmup": 300,
 }
@@ -80,6 +81,7 @@ QUICK = {
     "gc_baseline": 0.3,
     "listing_sessions": 20_000,
     "web_requests": 100,
+    "web_repeats": 2,
     "web_sessions": 10,
     "web_warmup": 20,
 }
@@ -204,7 +206,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--listing-batch-size", type=int, default=1000, help="batch_size of iter_sessions (1000)"
     )
     p.add_argument(
-        "--web-requests", type=int, help="requests per round of the web part (2000; quick 100)"
+        "--web-requests", type=int, help="requests per round of the web part (1000; quick 100)"
+    )
+    p.add_argument(
+        "--web-repeats",
+        type=int,
+        help="repeats of the web part: one round of each peer, back to back (9; quick 2)",
     )
     p.add_argument("--web-sessions", type=int, help="logged-in users per web peer (200; quick 10)")
     p.add_argument(

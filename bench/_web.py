@@ -357,7 +357,7 @@ async def run_web(
         await retrying("seeding and warm-up", prepare)
         order = itertools.cycle([measured, measured[::-1]])
         for kind in KINDS:
-            for _ in range(args.repeats):
+            for _ in range(args.web_repeats):
                 in_order = [peer for peer in next(order) if kind in _kinds(peer)]
 
                 async def repeat(kind: str = kind, in_order: list[Peer] = in_order) -> list[Sample]:
