@@ -11,7 +11,6 @@ import logging
 import re
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -31,33 +30,11 @@ from sessions_sql.asgi import SessionData, SessionMiddleware, regenerate_session
 
 from .conftest import guard
 from .pgproxy import counting_round_trips
+from .web import Clock, put, show
 
 IDLE = 1800
 ABSOLUTE = 8 * 3600
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-class Clock:
-    """Unix seconds that tests move forward; starts at the real time, which the databases use
-    for creation times."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-async def show(request: Request) -> Response:
-    return JSONResponse(dict(request.session))
-
-
-async def put(request: Request) -> Response:
-    request.session.update(await request.json())
-    return JSONResponse(dict(request.session))
 
 
 async def delete(request: Request) -> Response:
@@ -87,6 +64,10 @@ async def plain(request: Request) -> Response:
     return PlainTextResponse("no session used")
 
 
+async def varying(request: Request) -> Response:
+    return PlainTextResponse(str(request.session.get("k")), headers={"Vary": "Accept-Encoding"})
+
+
 async def unserialisable(request: Request) -> Response:
     request.session["when"] = {1, 2}
     return PlainTextResponse("unreachable if saving fails")
@@ -100,6 +81,7 @@ ROUTES = [
     Route("/login", login, methods=["POST"]),
     Route("/logout", logout, methods=["POST"]),
     Route("/plain", plain),
+    Route("/varying", varying),
     Route("/unserialisable", unserialisable, methods=["POST"]),
 ]
 
@@ -392,6 +374,7 @@ async def test_vary_cookie_on_responses_that_read_the_session(
 ) -> None:
     assert (await client.get("/")).headers.get("vary") == "Cookie"
     assert "vary" not in (await client.get("/plain")).headers
+    assert (await client.get("/varying")).headers.get_list("vary") == ["Accept-Encoding, Cookie"]
     await client.post("/put", json={"k": 1})
     assert (await client.get("/")).headers.get("vary") == "Cookie"
     assert "vary" not in (await client.get("/plain")).headers

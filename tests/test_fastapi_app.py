@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sessions_sql import SessionManager, SQLAlchemyBackend
 
 from .conftest import guard
+from .web import Clock
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app"
 IDLE = 1800
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")

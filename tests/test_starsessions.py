@@ -4,7 +4,6 @@ side by side with starsessions' InMemoryStore: the same requests must behave the
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -27,22 +26,7 @@ from starsessions import (
 from sessions_sql import MemoryBackend
 from sessions_sql.starsessions import SQLStore
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def show(request: Request) -> Response:
-    return JSONResponse(dict(request.session))
-
-
-async def put(request: Request) -> Response:
-    request.session.update(await request.json())
-    return JSONResponse(dict(request.session))
+from .web import Clock, put, show
 
 
 async def login(request: Request) -> Response:
