@@ -18,7 +18,6 @@ from collections.abc import Callable, MutableMapping
 from datetime import timedelta
 from typing import Any, Literal, NamedTuple
 
-from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -90,6 +89,16 @@ def _seconds(name: str, value: object) -> int | None:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"{name} must be positive")
     return math.ceil(seconds)
+
+
+def _add_vary_cookie(headers: list[tuple[bytes, bytes]]) -> None:
+    """Add ``Cookie`` to the response's ``Vary`` header (or add the header)."""
+    for i, (name, value) in enumerate(headers):
+        if name.lower() == b"vary":
+            if b"cookie" not in value.lower() and value.strip() != b"*":
+                headers[i] = (name, value + b", Cookie")
+            return
+    headers.append((b"vary", b"Cookie"))
 
 
 def _failure(error: BaseException) -> str:
@@ -171,20 +180,23 @@ class SessionMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(self, self._cookie(scope))
-        await exchange.load()
+        cookie = self._cookie(scope)
+        exchange = _Exchange(self, cookie)
+        if cookie is not None:
+            await exchange.load()
         scope["session"] = exchange.session
         http = scope["type"] == "http"
         start = "http.response.start" if http else "websocket.accept"
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == start:
-                await exchange.save(message, vary=http)
+                cookie = await exchange.store(message) if exchange.pending() else None
+                exchange.respond(message, cookie, vary=http)
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
-        if not http and exchange.saved:
-            await exchange.save(None, vary=False)  # what changed after the handshake
+        if not http and exchange.saved and exchange.pending():
+            await exchange.store(None)  # what changed after the handshake
 
     def _cookie(self, scope: Scope) -> str | None:
         """The session cookie's value, if the request carries one."""
@@ -284,30 +296,36 @@ class _Exchange:
                     changed[key] = data
         return changed
 
-    async def save(self, message: Message | None, *, vary: bool) -> None:
-        """Write what changed; add Set-Cookie (and Vary) to ``message``'s headers."""
+    def pending(self) -> bool:
+        """Whether saving may have something to do: a session was loaded, has values, or is
+        to be rotated. Not so for the common request without a session."""
+        session = self.session
+        return bool(session) or bool(self.loaded) or session.rotate
+
+    async def store(self, message: Message | None) -> str | None:
+        """Write what changed; return the Set-Cookie value if the cookie changes."""
         m, session = self.middleware, self.session
-        cookie: str | None = None
-        if session or self.loaded or session.rotate:
-            changed = self._changed()
-            now = math.floor(m.clock())
-            try:
-                if self.session_id is None or session.rotate:
-                    cookie = await self._save_new(message, changed, now)
-                else:
-                    cookie = await self._save_existing(changed, now)
-            except Exception as error:
-                if not isinstance(error, (TypeError, ValueError, RuntimeError)):
-                    logger.error("saving the session failed: %s", _failure(error))
-                raise
+        changed = self._changed()
+        now = math.floor(m.clock())
+        try:
+            if self.session_id is None or session.rotate:
+                return await self._save_new(message, changed, now)
+            return await self._save_existing(changed, now)
+        except Exception as error:
+            if not isinstance(error, (TypeError, ValueError, RuntimeError)):
+                logger.error("saving the session failed: %s", _failure(error))
+            raise
+
+    def respond(self, message: Message, cookie: str | None, *, vary: bool) -> None:
+        """Add Set-Cookie (and ``Vary: Cookie``) to the response's headers."""
         self.saved = True
-        if message is not None and (cookie is not None or (vary and session.accessed)):
-            message.setdefault("headers", [])
-            headers = MutableHeaders(scope=message)
+        if cookie is not None or (vary and self.session.accessed):
+            headers = list(message.get("headers", ()))
             if vary:
-                headers.add_vary_header("Cookie")
+                _add_vary_cookie(headers)
             if cookie is not None:
-                headers.append("set-cookie", cookie)
+                headers.append((b"set-cookie", cookie.encode("latin-1")))
+            message["headers"] = headers
 
     async def _save_new(
         self, message: Message | None, changed: dict[str, bytes], now: int
