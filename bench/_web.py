@@ -35,6 +35,7 @@ import redis
 import starlette
 from redis.asyncio import Redis
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -309,6 +310,29 @@ def _kinds(peer: Peer) -> tuple[str, ...]:
     return ("no_cookie",) if peer.name == "no sessions" else KINDS
 
 
+async def _sample_other_postgresql_work(args: argparse.Namespace, counts: list[int]) -> None:
+    """Every second, count the server's active client backends serving other databases: on
+    a shared machine, other work on the same PostgreSQL server competes with the PostgreSQL
+    peers (and not with Redis)."""
+    database = make_url(args.pg_url).database
+    while True:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            conn = await asyncpg.connect(asyncpg_dsn(args.pg_url))
+            try:
+                while True:
+                    counts.append(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                            "AND backend_type = 'client backend' AND datname IS DISTINCT FROM $1",
+                            database,
+                        )
+                    )
+                    await asyncio.sleep(1)
+            finally:
+                await conn.close()
+        await asyncio.sleep(1)
+
+
 async def _until_it_works(args: argparse.Namespace, step: Callable[[], Awaitable[_T]]) -> _T:
     """Run an untimed step, again after the server is back if it failed."""
     for attempt in range(1, ATTEMPTS + 1):
@@ -328,6 +352,10 @@ async def run_web(
     rounds: dict[str, dict[str, list[Sample]]] = {kind: {} for kind in KINDS}
     incidents: list[dict[str, str]] = []
     load_before = os.getloadavg()
+    other_work: list[int] = []
+    sampler = None
+    if "postgresql" in args.db:
+        sampler = asyncio.create_task(_sample_other_postgresql_work(args, other_work))
     # A failed repeat is recorded in the incidents; its requests' log records are not needed.
     logging.getLogger("sessions_sql.asgi").setLevel(logging.CRITICAL)
 
@@ -380,6 +408,10 @@ async def run_web(
                 for name, done in rounds[kind].items()
             )
             log(f"web {kind:9}: {summary}")
+    if sampler is not None:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
     return {
         "concurrency": args.concurrency,
         "requests_per_round": args.web_requests,
@@ -389,6 +421,12 @@ async def run_web(
         "incidents": incidents,
         # The machine is shared: its load average (1, 5, 15 min) before and after the part.
         "load_average": {"before": load_before, "after": os.getloadavg()},
+        # Active queries of other databases on the PostgreSQL server, sampled every second.
+        "postgresql_other_active": {
+            "samples": len(other_work),
+            "median": statistics.median(other_work) if other_work else None,
+            "max": max(other_work, default=None),
+        },
         "kinds": {
             kind: {name: _summary(done) for name, done in by_peer.items()}
             for kind, by_peer in rounds.items()
