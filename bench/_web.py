@@ -316,7 +316,7 @@ async def _sample_other_postgresql_work(args: argparse.Namespace, counts: list[i
     peers (and not with Redis)."""
     database = make_url(args.pg_url).database
     while True:
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        try:
             conn = await asyncpg.connect(asyncpg_dsn(args.pg_url))
             try:
                 while True:
@@ -329,8 +329,9 @@ async def _sample_other_postgresql_work(args: argparse.Namespace, counts: list[i
                     )
                     await asyncio.sleep(1)
             finally:
-                await conn.close()
-        await asyncio.sleep(1)
+                conn.terminate()
+        except Exception:  # the server restarting, say: this is only a diagnostic
+            await asyncio.sleep(1)
 
 
 async def _until_it_works(args: argparse.Namespace, step: Callable[[], Awaitable[_T]]) -> _T:
