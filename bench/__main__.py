@@ -39,6 +39,7 @@ from ._db import Admin, PostgresAdmin, SQLiteAdmin, asyncpg_dsn, ensure_database
 from ._gc import KINDS, run_gc
 from ._raw import RawPostgres, RawSQLite, Store
 from ._report import OpResult, format_table, format_targets, targets
+from ._web import format_web, run_web, web_targets
 from ._workload import OPERATIONS, Sample, Workload, run_round
 
 _R = TypeVar("_R")
@@ -47,7 +48,7 @@ PG_URL_ENV = "SESSIONS_SQL_BENCH_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1/sessions_sql_bench"
 DATABASES = ("postgresql", "sqlite")
 MODES = ("serial", "concurrent")
-PARTS = ("ops", "gc", "listing")
+PARTS = ("ops", "gc", "listing", "web")
 
 #: Defaults of the full run, and of ``--quick`` (a CI smoke run well under a minute).
 FULL = {
@@ -61,6 +62,10 @@ FULL = {
     "gc_sessions": 1_000_000,
     "gc_baseline": 3.0,
     "listing_sessions": 1_000_000,
+    "web_requests": 1000,
+    "web_repeats": 9,
+    "web_sessions": 200,
+    "web_warmup": 300,
 }
 QUICK = {
     "sessions": 50,
@@ -75,6 +80,10 @@ QUICK = {
     "gc_sessions": 5_000,
     "gc_baseline": 0.3,
     "listing_sessions": 20_000,
+    "web_requests": 100,
+    "web_repeats": 2,
+    "web_sessions": 10,
+    "web_warmup": 20,
 }
 
 
@@ -117,7 +126,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--parts",
         type=_csv(PARTS),
         default=list(PARTS),
-        help="ops (operations vs raw), gc (PostgreSQL), listing (default: all three)",
+        help="ops (operations vs raw), gc (PostgreSQL), listing, web (session middleware "
+        "peers; needs Redis) (default: all four)",
     )
     p.add_argument(
         "--modes",
@@ -194,6 +204,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--listing-batch-size", type=int, default=1000, help="batch_size of iter_sessions (1000)"
+    )
+    p.add_argument(
+        "--web-requests", type=int, help="requests per round of the web part (1000; quick 100)"
+    )
+    p.add_argument(
+        "--web-repeats",
+        type=int,
+        help="repeats of the web part: one round of each peer, back to back (9; quick 2)",
+    )
+    p.add_argument("--web-sessions", type=int, help="logged-in users per web peer (200; quick 10)")
+    p.add_argument(
+        "--web-warmup", type=int, help="warm-up requests per web peer and kind (300; quick 20)"
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -560,8 +582,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     gcs: dict[str, dict[str, Any]] = {}
     listings: list[dict[str, Any]] = []
     server_version = None
+    web: dict[str, Any] | None = None
+    database_parts = {"ops", "gc", "listing"} & set(args.parts)
     with tempfile.TemporaryDirectory(prefix="sessions_sql_bench_") as directory:
-        for db in args.db:
+        for db in args.db if database_parts else ():
             t = await (
                 open_postgresql(args) if db == "postgresql" else open_sqlite(args, directory)
             )
@@ -593,11 +617,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await resilient(t, "cleanup", lambda t: t.admin.truncate())
             finally:
                 await t.admin.close()
+        if "web" in args.parts:
+            web = await run_web(args, directory, log)
     return {
         "results": results,
         "gc": gcs.get("created"),
         "gc_expired": gcs.get("expired"),
         "listings": listings,
+        "web": web,
         "server_version": server_version,
     }
 
@@ -627,8 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[OpResult] = outcome["results"]
     gc, listings = outcome["gc"], outcome["listings"]
     report = targets(results, gc, listings, outcome["gc_expired"])
+    report.update(web_targets(outcome["web"]))
 
-    print(format_table(results))
+    if results:
+        print(format_table(results))
     for gc_run in (gc, outcome["gc_expired"]):
         if gc_run is not None:
             print(format_gc(gc_run))
@@ -640,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{x['rss_before_kb'] / 1024:.1f} MB, listing added "
             f"{(x['rss_peak_kb'] - x['rss_before_kb']) / 1024:.1f} MB)"
         )
+    if outcome["web"] is not None:
+        print(f"\nweb:\n{format_web(outcome['web'])}")
     print()
     print(format_targets(report))
     print(f"\ntotal {elapsed:.0f} s")
@@ -668,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             "gc": gc,
             "gc_expired": outcome["gc_expired"],
             "listings": listings,
+            "web": outcome["web"],
             "targets": report,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

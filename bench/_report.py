@@ -174,7 +174,8 @@ def format_targets(report: dict[str, Any]) -> str:
     lines = []
     for name, target in report.items():
         state = ("MET" if target["met"] else "MISSED") if target["measured"] else "not measured"
-        lines.append(f"target {name}: {state}: {target['description']}")
+        measured = f" (measured {target['ratio']:.2f}x)" if target.get("ratio") is not None else ""
+        lines.append(f"target {name}: {state}: {target['description']}{measured}")
         for miss in target.get("misses", []):
             lines.append(f"    {miss['db']} {miss['mode']} {miss['op']}: {miss['ratio']:.2f}x")
     return "\n".join(lines)

@@ -61,19 +61,22 @@ class Sample:
     seconds: float
     p50_ms: float
     p99_ms: float
+    #: CPU time this process spent in the round (all its threads).
+    cpu_seconds: float = math.nan
 
     @property
     def ops_per_s(self) -> float:
         return self.ops / self.seconds if self.seconds > 0 else math.nan
 
     @classmethod
-    def of(cls, latencies: list[float], seconds: float) -> Sample:
+    def of(cls, latencies: list[float], seconds: float, cpu_seconds: float = math.nan) -> Sample:
         ordered = sorted(latencies)
         return cls(
             ops=len(latencies),
             seconds=seconds,
             p50_ms=percentile(ordered, 0.50) * 1000,
             p99_ms=percentile(ordered, 0.99) * 1000,
+            cpu_seconds=cpu_seconds,
         )
 
 
@@ -90,9 +93,10 @@ async def run_round(call: Call, n: int, concurrency: int) -> Sample:
             latencies[i] = clock() - start
 
     gc.collect()
+    cpu = time.process_time()
     start = clock()
     await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
-    return Sample.of(latencies, clock() - start)
+    return Sample.of(latencies, clock() - start, time.process_time() - cpu)
 
 
 @dataclass(frozen=True)

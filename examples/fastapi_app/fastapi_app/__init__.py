@@ -1,0 +1,1 @@
+"""A FastAPI application whose sessions live in its own PostgreSQL database."""
