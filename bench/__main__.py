@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import os
@@ -35,6 +36,7 @@ import sessions_sql
 from sessions_sql import SQLAlchemyBackend, migrate
 from sessions_sql._backend import DEFAULT_BATCH_SIZE
 
+from ._bots import bench_bots, bots_target, format_bots
 from ._db import Admin, PostgresAdmin, SQLiteAdmin, asyncpg_dsn, ensure_database, sqlalchemy_url
 from ._gc import KINDS, run_gc
 from ._raw import RawPostgres, RawSQLite, Store
@@ -45,9 +47,11 @@ _R = TypeVar("_R")
 
 PG_URL_ENV = "SESSIONS_SQL_BENCH_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1/sessions_sql_bench"
+REDIS_URL_ENV = "SESSIONS_SQL_BENCH_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DATABASES = ("postgresql", "sqlite")
 MODES = ("serial", "concurrent")
-PARTS = ("ops", "gc", "listing")
+PARTS = ("ops", "gc", "listing", "bots")
 
 #: Defaults of the full run, and of ``--quick`` (a CI smoke run well under a minute).
 FULL = {
@@ -117,7 +121,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--parts",
         type=_csv(PARTS),
         default=list(PARTS),
-        help="ops (operations vs raw), gc (PostgreSQL), listing (default: all three)",
+        help="ops (operations vs raw), gc (PostgreSQL), listing, bots (aiogram FSM storage vs "
+        "RedisStorage and MemoryStorage) (default: all four)",
     )
     p.add_argument(
         "--modes",
@@ -194,6 +199,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--listing-batch-size", type=int, default=1000, help="batch_size of iter_sessions (1000)"
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get(REDIS_URL_ENV, DEFAULT_REDIS_URL),
+        help=f"Redis of the bots part's RedisStorage (default: ${REDIS_URL_ENV} or "
+        f"{DEFAULT_REDIS_URL}); only the benchmark's own keys are written and removed",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -545,7 +556,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     listings: list[dict[str, Any]] = []
     server_version = None
     with tempfile.TemporaryDirectory(prefix="sessions_sql_bench_") as directory:
-        for db in args.db:
+        for db in args.db if {"ops", "gc", "listing"} & set(args.parts) else ():
             t = await (
                 open_postgresql(args) if db == "postgresql" else open_sqlite(args, directory)
             )
@@ -577,11 +588,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await resilient(t, "cleanup", lambda t: t.admin.truncate())
             finally:
                 await t.admin.close()
+        bots: list[dict[str, Any]] = []
+        if "bots" in args.parts:
+            bots, server_version = await bench_bots(args, directory)
     return {
         "results": results,
         "gc": gcs.get("created"),
         "gc_expired": gcs.get("expired"),
         "listings": listings,
+        "bots": bots,
         "server_version": server_version,
     }
 
@@ -611,8 +626,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[OpResult] = outcome["results"]
     gc, listings = outcome["gc"], outcome["listings"]
     report = targets(results, gc, listings, outcome["gc_expired"])
+    report["bots"] = bots_target(outcome["bots"])
 
-    print(format_table(results))
+    if results:
+        print(format_table(results))
     for gc_run in (gc, outcome["gc_expired"]):
         if gc_run is not None:
             print(format_gc(gc_run))
@@ -624,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{x['rss_before_kb'] / 1024:.1f} MB, listing added "
             f"{(x['rss_peak_kb'] - x['rss_before_kb']) / 1024:.1f} MB)"
         )
+    if outcome["bots"]:
+        print("\naiogram FSM storages (bots)")
+        print(format_bots(outcome["bots"]))
     print()
     print(format_targets(report))
     print(f"\ntotal {elapsed:.0f} s")
@@ -643,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
                 "asyncpg": asyncpg.__version__,
                 "aiosqlite": aiosqlite.__version__,
                 "sqlite": sqlite3.sqlite_version,
+                "aiogram": importlib.metadata.version("aiogram"),
+                "redis-py": importlib.metadata.version("redis"),
                 "postgresql": outcome["server_version"],
             },
             "sessions_sql": source,
@@ -652,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             "gc": gc,
             "gc_expired": outcome["gc_expired"],
             "listings": listings,
+            "bots": outcome["bots"],
             "targets": report,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

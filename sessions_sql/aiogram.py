@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -31,6 +32,7 @@ from aiogram.fsm.storage.base import (
 )
 
 from sessions_sql import (
+    KEEP,
     BackendError,
     BatchValues,
     SessionError,
@@ -227,8 +229,8 @@ class SQLStorage(BaseStorage):
 
     async def get_data(self, key: StorageKey) -> dict[str, Any]:
         """The data, ``{}`` if there is none (or it expired); a new dict on every call."""
-        _, data, _ = await self._read_data(self.key_builder.build(key), self._now())
-        return data
+        stored = await self.backend.read_values(self.key_builder.build(key))
+        return _Data.of(stored, None, self._now()).data
 
     async def set_data(self, key: StorageKey, data: Mapping[str, Any]) -> None:
         """Replace the data (``{}`` removes it, leaving the state as it is).
@@ -241,8 +243,8 @@ class SQLStorage(BaseStorage):
         now = self._now()
         values = self._encode_data(data, now)
         sid = self.key_builder.build(key)
-        names, _, marker = await self._read_data(sid, now)
-        await self._write(sid, values, names, marker, now)
+        stored = await self._read(sid, now)
+        await self._write(sid, values, stored.names, stored, now)
 
     async def update_data(self, key: StorageKey, data: Mapping[str, Any]) -> dict[str, Any]:
         """Merge ``data`` into the stored data (like ``dict.update``) and return the result.
@@ -256,13 +258,14 @@ class SQLStorage(BaseStorage):
         now = self._now()
         values = self._encode_data(data, now)
         sid = self.key_builder.build(key)
-        names, current, marker = await self._read_data(sid, now)
+        stored = await self._read(sid, now)
+        current = stored.data
         current.update({_json_name(k): v for k, v in data.items()})
         if current and self.data_ttl is not None:
             # The data's expiry starts again, as when RedisStorage rewrites the data.
             values.setdefault(DATA, _encode(None, now + self.data_ttl))
         # Expired data goes, as the whole data would; live keys stay as they are.
-        await self._write(sid, values, names if marker is False else [], marker, now)
+        await self._write(sid, values, stored.names if stored.marker is False else [], stored, now)
         return current
 
     def _encode_data(self, data: Mapping[Any, Any], now: int) -> dict[str, bytes]:
@@ -271,34 +274,50 @@ class SQLStorage(BaseStorage):
             values[DATA] = _encode(None, now + self.data_ttl)
         return values
 
-    async def _read_data(self, sid: str, now: int) -> tuple[list[str], dict[str, Any], bool | None]:
-        """The data's value names, the data (empty if it expired) and its expiry marker:
-        ``None`` if there is none, else whether it is live."""
-        stored = await self.backend.read_values(sid)
-        names = [name for name in stored if name.startswith(DATA_PREFIX)]
-        marker = None if DATA not in stored else _decode(stored[DATA], now)[0]
-        if marker is False:
-            return names, {}, marker
-        data = {name[len(DATA_PREFIX) :]: _decode(stored[name], now)[1] for name in names}
-        return names, data, marker
+    async def _read(self, sid: str, now: int) -> _Data:
+        """The stored data and the session's expiry, before a write (one statement)."""
+        snapshot = await self.backend.read_session(sid)
+        if snapshot is None:
+            return _Data([], {}, None, None)
+        return _Data.of(snapshot.values, snapshot.expires_at, now)
 
     async def _write(
-        self,
-        sid: str,
-        values: dict[str, bytes],
-        old: list[str],
-        marker: bool | None,
-        now: int,
+        self, sid: str, values: dict[str, bytes], old: list[str], stored: _Data, now: int
     ) -> None:
         """Write ``values`` and remove the names ``old`` that they do not replace, and the
         expiry marker unless ``values`` renews it, in one statement."""
         remove = [name for name in old if name not in values]
-        if marker is not None and DATA not in values:
+        if stored.marker is not None and DATA not in values:
             remove.append(DATA)
-        if values or remove:
-            await self.backend.update_session(
-                sid, values, remove=remove, expires_at=self._session_expiry(now)
-            )
+        if not values and not remove:
+            return
+        expiry: object = self._session_expiry(now)
+        if expiry is None and stored.expires_at is None:
+            expiry = KEEP  # nothing to clear: the session row is not written
+        await self.backend.update_session(sid, values, remove=remove, expires_at=expiry)
+
+
+@dataclass
+class _Data:
+    """The data part of a session as read."""
+
+    #: The names of its values (``data:...``).
+    names: list[str]
+    #: The data, empty if it expired.
+    data: dict[str, Any]
+    #: ``None`` without an expiry marker, else whether the data is live.
+    marker: bool | None
+    #: The session's expiry.
+    expires_at: int | None
+
+    @classmethod
+    def of(cls, stored: Mapping[str, bytes], expires_at: int | None, now: int) -> _Data:
+        names = [name for name in stored if name.startswith(DATA_PREFIX)]
+        marker = None if DATA not in stored else _decode(stored[DATA], now)[0]
+        if marker is False:
+            return cls(names, {}, marker, expires_at)
+        data = {name[len(DATA_PREFIX) :]: _decode(stored[name], now)[1] for name in names}
+        return cls(names, data, marker, expires_at)
 
 
 def _lock_id(name: str) -> int:

@@ -363,6 +363,21 @@ async def test_with_one_ttl_the_other_part_lives_on(any_backend: Any) -> None:
     assert await plain.get_data(KEY) == {"b": 1, "c": 1}
 
 
+async def test_a_storage_without_ttls_clears_an_expiry_left_by_one_with_them(
+    any_backend: Any,
+) -> None:
+    clock = Clock()
+    sid = "fsm:42:-100:7:default"
+    await SQLStorage(any_backend, state_ttl=10, data_ttl=20, clock=clock).update_data(KEY, {"a": 1})
+    assert await any_backend.get_session_expiry(sid) == int(clock.now) + 20
+    plain = SQLStorage(any_backend, clock=clock)
+    assert await plain.update_data(KEY, {"b": 2}) == {"a": 1, "b": 2}
+    assert await any_backend.get_session_expiry(sid) is None
+    clock.now += 1000
+    assert await SessionCollector(any_backend, timedelta(minutes=1), clock=clock).collect() == 0
+    assert await plain.get_data(KEY) == {"a": 1, "b": 2}
+
+
 # Event isolation.
 
 
