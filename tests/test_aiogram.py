@@ -4,10 +4,12 @@ update_data under concurrency, TTLs, and event isolation (across processes on Po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -25,6 +27,7 @@ from sessions_sql import MemoryBackend, SessionCollector, SessionError, SQLAlche
 from sessions_sql.aiogram import SQLEventIsolation, SQLStorage
 
 from .conftest import guard
+from .test_races import Child
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = StorageKey(bot_id=42, chat_id=-100, user_id=7)
@@ -244,29 +247,28 @@ async def test_concurrent_update_data_keeps_every_key(db_url: str) -> None:
     assert {data[f"shared{r}"] for r in range(3)} <= set(range(96))
 
 
-async def run_workers(script: str, *argvs: list[str]) -> list[bytes]:
-    """Start one process per argv running ``script``, let them go at once when all are ready
-    (each prints READY, then waits for a line), and return what each printed after."""
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-c", script, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        for argv in argvs
-    ]
+@contextlib.asynccontextmanager
+async def children(tmp_path: Path, script: str, *argvs: list[str]) -> AsyncIterator[list[Child]]:
+    """One process per argv running ``script`` (stderr kept for failures), killed if the
+    test leaves them running."""
+    started: list[Child] = []
     try:
-        for proc in procs:
-            assert proc.stdout is not None
-            assert await guard(proc.stdout.readline(), "a worker starting") == b"READY\n"
-        outputs = await guard(
-            asyncio.gather(*(proc.communicate(b"GO\n") for proc in procs)), "the workers"
-        )
-        assert [proc.returncode for proc in procs] == [0] * len(procs)
-        return [out for out, _ in outputs]
+        for n, argv in enumerate(argvs):
+            stderr = tmp_path / f"child{n}.stderr"
+            with stderr.open("wb") as err:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", script, *argv,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                )  # fmt: skip
+            started.append(Child(process, stderr))
+        yield started
+        for child in started:
+            assert await guard(child.process.wait(), "a child's exit") == 0
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        for child in started:
+            if child.process.returncode is None:
+                child.process.kill()
+                await child.process.wait()
 
 
 WORKER = """
@@ -281,13 +283,20 @@ async def main(url, tag, n):
     sys.stdin.readline()
     await asyncio.gather(*(storage.update_data(key, {f"{tag}-{i}": i}) for i in range(n)))
     await storage.close()
+    print("DONE", flush=True)
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
-async def test_update_data_from_two_processes_keeps_every_key(db_url: str) -> None:
-    await run_workers(WORKER, [db_url, "p1", "100"], [db_url, "p2", "100"])
+async def test_update_data_from_two_processes_keeps_every_key(db_url: str, tmp_path: Path) -> None:
+    async with children(tmp_path, WORKER, [db_url, "p1", "100"], [db_url, "p2", "100"]) as procs:
+        for child in procs:
+            await child.expect("READY")
+        for child in procs:
+            await child.say("GO")
+        for child in procs:
+            await child.expect("DONE")
     async with SQLAlchemyBackend.from_url(db_url) as backend:
         data = await SQLStorage(backend).get_data(KEY)
     assert data == {f"{tag}-{i}": i for tag in ("p1", "p2") for i in range(100)}
@@ -400,9 +409,20 @@ async def test_isolation_serialises_one_key_and_not_others(any_backend: Any) -> 
     try:
         same = await holders(isolation, [KEY] * 20)
         assert all(same[i][0] == same[i + 1][0] for i in range(0, 40, 2))  # never interleaved
-        keys = [StorageKey(bot_id=42, chat_id=n, user_id=n) for n in range(20)]
-        apart = await holders(isolation, keys)
-        assert apart[1][1] == "in"  # a second key entered while the first was held
+        # Another key enters while the first is held (else this never ends: guard fails it).
+        first_in, second_in = asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            async with isolation.lock(KEY):
+                first_in.set()
+                await second_in.wait()
+
+        async def second() -> None:
+            await first_in.wait()
+            async with isolation.lock(StorageKey(bot_id=42, chat_id=1, user_id=1)):
+                second_in.set()
+
+        await guard(asyncio.gather(first(), second()), "a second key while the first is held")
         assert len(isolation._local) == 0  # no lock kept for keys nobody holds
     finally:
         await isolation.close()
@@ -412,7 +432,10 @@ async def advisory_locks(url: str) -> int:
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
-            query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            query = (
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
             return int((await conn.execute(text(query))).scalar_one())
     finally:
         await engine.dispose()
@@ -460,7 +483,7 @@ import asyncio, json, sys, time
 from aiogram.fsm.storage.base import StorageKey
 from sessions_sql.aiogram import SQLStorage
 
-async def main(url, n):
+async def main(url, role, n):
     storage = SQLStorage.from_url(url)
     isolation = storage.create_isolation()
     key = StorageKey(bot_id=42, chat_id=-100, user_id=7)
@@ -468,38 +491,58 @@ async def main(url, n):
     print("READY", flush=True)
     sys.stdin.readline()
 
-    async def handler():
+    async def handler(i):
         asked = time.monotonic_ns()
         async with isolation.lock(key):
             start = time.monotonic_ns()
+            if role == "first" and i == 0:  # hold the lock until the parent says so
+                print("HOLDING", flush=True)
+                await asyncio.to_thread(sys.stdin.readline)
             # A read-modify-write that only isolation keeps whole.
             count = (await storage.get_data(key)).get("count", 0)
             await asyncio.sleep(0.001)
             await storage.set_data(key, {"count": count + 1})
             spans.append((start, time.monotonic_ns(), asked))
 
-    await asyncio.gather(*(handler() for _ in range(n)))
+    tasks = [asyncio.ensure_future(handler(i)) for i in range(n)]
+    await asyncio.sleep(0)  # every handler has asked for the lock
+    if role == "second":
+        print("ASKED", flush=True)
+    await asyncio.gather(*tasks)
     await isolation.close()
     await storage.close()
-    print(json.dumps(spans), flush=True)
+    print("RESULT", json.dumps(spans), flush=True)
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
-async def test_two_processes_never_interleave_handlers_of_one_key(postgres_url: str) -> None:
+async def test_two_processes_never_interleave_handlers_of_one_key(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Two processes, 40 handlers of one key each. The first holds the lock until every
+    handler of the second has asked for it, so that they contend; then both run freely."""
     engine = create_async_engine(postgres_url)
     async with engine.begin() as conn:
         await conn.execute(text("TRUNCATE sessions, session_values"))
     await engine.dispose()
-    outputs = await run_workers(LOCKED_WORKER, [postgres_url, "40"], [postgres_url, "40"])
-    runs = [json.loads(out) for out in outputs]
+    argvs = ([postgres_url, "first", "40"], [postgres_url, "second", "40"])
+    async with children(tmp_path, LOCKED_WORKER, *argvs) as (first, second):
+        for child in (first, second):
+            await child.expect("READY")
+        await first.say("GO")
+        await first.expect("HOLDING")
+        await second.say("GO")
+        await second.expect("ASKED")
+        await first.say("RELEASE")
+        runs = [json.loads(await child.expect("RESULT")) for child in (first, second)]
     spans = sorted((start, end) for run in runs for start, end, _ in run)
     assert len(spans) == 80
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # no two overlap
-    # They contended: each process asked for the lock while the other held it.
-    for mine, theirs in (runs, runs[::-1]):
-        assert min(asked for _, _, asked in mine) < max(end for _, end, _ in theirs)
+    # The second process's handlers all asked while the first held the lock.
+    held_until = min(end for _, end, _ in runs[0])
+    assert max(asked for _, _, asked in runs[1]) < held_until
+    assert min(start for start, _, _ in runs[1]) > held_until
     async with SQLAlchemyBackend.from_url(postgres_url) as backend:
         assert await SQLStorage(backend).get_data(KEY) == {"count": 80}
 
