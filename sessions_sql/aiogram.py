@@ -112,6 +112,10 @@ def _data_key(key: object) -> str:
     return name
 
 
+def _encode_data(data: Mapping[Any, Any]) -> dict[str, bytes]:
+    return {_data_key(key): _encode(value, None) for key, value in data.items()}
+
+
 def _state_name(state: StateType) -> str | None:
     name = state.state if isinstance(state, State) else state
     if name is not None and not isinstance(name, str):
@@ -241,7 +245,9 @@ class SQLStorage(BaseStorage):
             msg = f"Data must be a dict or dict-like object, got {type(data).__name__}"
             raise DataNotDictLikeError(msg)
         now = self._now()
-        values = self._encode_data(data, now)
+        values = _encode_data(data)
+        if values and self.data_ttl is not None:
+            values[DATA] = _encode(None, now + self.data_ttl)
         sid = self.key_builder.build(key)
         stored = await self._read(sid, now)
         await self._write(sid, values, stored.names, stored, now)
@@ -256,23 +262,29 @@ class SQLStorage(BaseStorage):
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a mapping, not {type(data).__name__}")
         now = self._now()
-        values = self._encode_data(data, now)
+        values = _encode_data(data)
         sid = self.key_builder.build(key)
-        stored = await self._read(sid, now)
+        if self.data_ttl is None:
+            # Nothing to decide from what is stored: the read and the write run at once.
+            stored, _ = await asyncio.gather(self._read(sid, now), self._put(sid, values))
+            if stored.marker is not None or stored.expires_at is not None:
+                # Left by a storage with TTLs: drop its data expiry (and its expired data).
+                stale = [name for name in stored.expired if name not in values]
+                await self._write(sid, {}, stale, stored, now)
+        else:
+            stored = await self._read(sid, now)
+            if values or stored.data:
+                # The data's expiry starts again, as when RedisStorage rewrites the data.
+                values[DATA] = _encode(None, now + self.data_ttl)
+            # Expired data goes, as the whole data would; live keys stay as they are.
+            await self._write(sid, values, stored.expired, stored, now)
         current = stored.data
         current.update({_json_name(k): v for k, v in data.items()})
-        if current and self.data_ttl is not None:
-            # The data's expiry starts again, as when RedisStorage rewrites the data.
-            values.setdefault(DATA, _encode(None, now + self.data_ttl))
-        # Expired data goes, as the whole data would; live keys stay as they are.
-        await self._write(sid, values, stored.names if stored.marker is False else [], stored, now)
         return current
 
-    def _encode_data(self, data: Mapping[Any, Any], now: int) -> dict[str, bytes]:
-        values = {_data_key(key): _encode(value, None) for key, value in data.items()}
-        if values and self.data_ttl is not None:
-            values[DATA] = _encode(None, now + self.data_ttl)
-        return values
+    async def _put(self, sid: str, values: dict[str, bytes]) -> None:
+        if values:
+            await self.backend.update_session(sid, values)
 
     async def _read(self, sid: str, now: int) -> _Data:
         """The stored data and the session's expiry, before a write (one statement)."""
@@ -289,12 +301,11 @@ class SQLStorage(BaseStorage):
         remove = [name for name in old if name not in values]
         if stored.marker is not None and DATA not in values:
             remove.append(DATA)
-        if not values and not remove:
-            return
         expiry: object = self._session_expiry(now)
         if expiry is None and stored.expires_at is None:
             expiry = KEEP  # nothing to clear: the session row is not written
-        await self.backend.update_session(sid, values, remove=remove, expires_at=expiry)
+        if values or remove or expiry is not KEEP:
+            await self.backend.update_session(sid, values, remove=remove, expires_at=expiry)
 
 
 @dataclass
@@ -309,6 +320,11 @@ class _Data:
     marker: bool | None
     #: The session's expiry.
     expires_at: int | None
+
+    @property
+    def expired(self) -> list[str]:
+        """The names of the data's values if it expired, else none."""
+        return self.names if self.marker is False else []
 
     @classmethod
     def of(cls, stored: Mapping[str, bytes], expires_at: int | None, now: int) -> _Data:

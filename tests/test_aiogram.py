@@ -370,6 +370,12 @@ async def test_with_one_ttl_the_other_part_lives_on(any_backend: Any) -> None:
     await plain.update_data(KEY, {"c": 1})
     clock.now += 100
     assert await plain.get_data(KEY) == {"b": 1, "c": 1}
+    # ... and data it let expire stays expired.
+    other = StorageKey(bot_id=42, chat_id=1, user_id=1)
+    await timed.set_data(other, {"x": 1})
+    clock.now += 6
+    assert await plain.update_data(other, {"y": 2}) == {"y": 2}
+    assert await plain.get_data(other) == {"y": 2}
 
 
 async def test_a_storage_without_ttls_clears_an_expiry_left_by_one_with_them(
