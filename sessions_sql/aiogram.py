@@ -283,7 +283,10 @@ class SQLStorage(BaseStorage):
         return current
 
     async def _put(self, sid: str, values: dict[str, bytes]) -> None:
-        if values:
+        if len(values) == 1:  # the lighter statement of the two
+            ((name, value),) = values.items()
+            await self.backend.write_value(sid, name, value)
+        elif values:
             await self.backend.update_session(sid, values)
 
     async def _read(self, sid: str, now: int) -> _Data:
