@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import os
@@ -35,6 +36,7 @@ import sessions_sql
 from sessions_sql import SQLAlchemyBackend, migrate
 from sessions_sql._backend import DEFAULT_BATCH_SIZE
 
+from ._bots import bench_bots, bots_target, format_bots
 from ._db import Admin, PostgresAdmin, SQLiteAdmin, asyncpg_dsn, ensure_database, sqlalchemy_url
 from ._gc import KINDS, run_gc
 from ._raw import RawPostgres, RawSQLite, Store
@@ -46,9 +48,11 @@ _R = TypeVar("_R")
 
 PG_URL_ENV = "SESSIONS_SQL_BENCH_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1/sessions_sql_bench"
+REDIS_URL_ENV = "SESSIONS_SQL_BENCH_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DATABASES = ("postgresql", "sqlite")
 MODES = ("serial", "concurrent")
-PARTS = ("ops", "gc", "listing", "web")
+PARTS = ("ops", "gc", "listing", "web", "bots")
 
 #: Defaults of the full run, and of ``--quick`` (a CI smoke run well under a minute).
 FULL = {
@@ -127,7 +131,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=_csv(PARTS),
         default=list(PARTS),
         help="ops (operations vs raw), gc (PostgreSQL), listing, web (session middleware "
-        "peers; needs Redis) (default: all four)",
+        "peers; needs Redis), bots (aiogram FSM storage vs RedisStorage and MemoryStorage) "
+        "(default: all)",
     )
     p.add_argument(
         "--modes",
@@ -216,6 +221,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--web-sessions", type=int, help="logged-in users per web peer (200; quick 10)")
     p.add_argument(
         "--web-warmup", type=int, help="warm-up requests per web peer and kind (300; quick 20)"
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get(REDIS_URL_ENV, DEFAULT_REDIS_URL),
+        help=f"Redis of the bots part's RedisStorage (default: ${REDIS_URL_ENV} or "
+        f"{DEFAULT_REDIS_URL}); only the benchmark's own keys are written and removed",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -619,12 +630,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await t.admin.close()
         if "web" in args.parts:
             web = await run_web(args, directory, log)
+        bots: list[dict[str, Any]] = []
+        if "bots" in args.parts:
+            bots, server_version = await bench_bots(args, directory)
     return {
         "results": results,
         "gc": gcs.get("created"),
         "gc_expired": gcs.get("expired"),
         "listings": listings,
         "web": web,
+        "bots": bots,
         "server_version": server_version,
     }
 
@@ -655,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     gc, listings = outcome["gc"], outcome["listings"]
     report = targets(results, gc, listings, outcome["gc_expired"])
     report.update(web_targets(outcome["web"]))
+    report["bots"] = bots_target(outcome["bots"])
 
     if results:
         print(format_table(results))
@@ -671,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if outcome["web"] is not None:
         print(f"\nweb:\n{format_web(outcome['web'])}")
+    if outcome["bots"]:
+        print("\naiogram FSM storages (bots)")
+        print(format_bots(outcome["bots"]))
     print()
     print(format_targets(report))
     print(f"\ntotal {elapsed:.0f} s")
@@ -690,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
                 "asyncpg": asyncpg.__version__,
                 "aiosqlite": aiosqlite.__version__,
                 "sqlite": sqlite3.sqlite_version,
+                "aiogram": importlib.metadata.version("aiogram"),
+                "redis-py": importlib.metadata.version("redis"),
                 "postgresql": outcome["server_version"],
             },
             "sessions_sql": source,
@@ -700,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             "gc_expired": outcome["gc_expired"],
             "listings": listings,
             "web": outcome["web"],
+            "bots": outcome["bots"],
             "targets": report,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
