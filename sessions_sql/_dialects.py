@@ -36,6 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import ColumnElement, Executable, Selectable
 from sqlalchemy.util import await_only
+from sqlalchemy.util.concurrency import in_greenlet
 
 from .models import sessions_table as S
 from .models import values_table as V
@@ -159,12 +160,29 @@ def _batch(condition: ColumnElement[bool], order: Any) -> Any:
 _MIGRATION_LOCK_KEY = 0x73657373696F6E73
 
 
+_MIGRATION_LOCK_POLL = 0.05  # seconds between attempts to take a migration lock
+
+
+def _pause(seconds: float) -> None:
+    """Sleep without blocking the event loop when run through an async engine."""
+    if in_greenlet():
+        await_only(asyncio.sleep(seconds))
+    else:
+        time.sleep(seconds)
+
+
 @contextlib.contextmanager
 def _postgresql_migration_lock(connection: Connection) -> Iterator[None]:
     # A session-level advisory lock, held across the migrations' own transactions (a
     # revision may commit part way, to build an index CONCURRENTLY). If the process dies,
-    # the server releases it with the connection.
-    connection.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK_KEY})")
+    # the server releases it with the connection. Taken by polling, never by waiting inside
+    # a statement: a waiting statement holds a snapshot, and CREATE INDEX CONCURRENTLY in
+    # the migrator holding the lock waits for every such snapshot to end (a deadlock).
+    while not connection.exec_driver_sql(
+        f"SELECT pg_try_advisory_lock({_MIGRATION_LOCK_KEY})"
+    ).scalar():
+        connection.commit()
+        _pause(_MIGRATION_LOCK_POLL)
     connection.commit()
     try:
         yield
