@@ -30,6 +30,7 @@ from aiogram.fsm.storage.base import (
     StateType,
     StorageKey,
 )
+from sqlalchemy import TextClause, text
 
 from sessions_sql import (
     KEEP,
@@ -405,25 +406,24 @@ class _AdvisoryLocks:
     connection kept out of the engine's pool: no call ever blocks it, so holders and
     waiters of different keys never wait for each other. Waiters poll."""
 
-    _TRY = "SELECT pg_try_advisory_lock($1)"
-    _UNLOCK = "SELECT pg_advisory_unlock($1)"
+    _TRY = text("SELECT pg_try_advisory_lock(:id)")
+    _UNLOCK = text("SELECT pg_advisory_unlock(:id)")
     _FIRST_POLL = 0.002
     _LAST_POLL = 0.02
 
     def __init__(self, backend: SQLAlchemyBackend) -> None:
         self._engine = backend.engine
-        self._conn: Any = None  # the SQLAlchemy AsyncConnection
-        self._driver: Any = None  # its asyncpg connection
+        self._conn: Any = None  # a SQLAlchemy AsyncConnection in autocommit, any driver
         self._busy = asyncio.Lock()
         self._releasing: set[asyncio.Task[None]] = set()  # of locks a cancelled waiter got
 
-    async def _call(self, sql: str, lock_id: int) -> bool:
+    async def _call(self, sql: TextClause, lock_id: int) -> bool:
         async with self._busy:
             try:
-                if self._driver is None:
-                    self._conn = await self._engine.connect()
-                    self._driver = (await self._conn.get_raw_connection()).driver_connection
-                return bool(await self._driver.fetchval(sql, lock_id))
+                if self._conn is None:
+                    conn = await self._engine.connect()
+                    self._conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                return bool(await self._conn.scalar(sql, {"id": lock_id}))
             except Exception as error:
                 await self._drop(error)
                 raise BackendError(
@@ -432,7 +432,7 @@ class _AdvisoryLocks:
 
     async def _drop(self, error: BaseException | None = None) -> None:
         # Closed for good, never returned to the pool: that releases any lock still held.
-        conn, self._conn, self._driver = self._conn, None, None
+        conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.invalidate(error if isinstance(error, Exception) else None)

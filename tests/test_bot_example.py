@@ -40,7 +40,8 @@ async def test_dialogue_goes_on_after_storage_and_dispatcher_are_rebuilt(
 ) -> None:
     session = formbot.offline.OfflineSession()
     engine = create_async_engine(db_url)
-    async with engine.begin() as conn:
+    async with engine.begin() as conn:  # the PostgreSQL cases share one database
+        await conn.run_sync(formbot.models.Base.metadata.drop_all)
         await conn.run_sync(formbot.models.Base.metadata.create_all)
     await engine.dispose()
 
