@@ -50,7 +50,7 @@ PG_URL_ENV = "SESSIONS_SQL_BENCH_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1/sessions_sql_bench"
 REDIS_URL_ENV = "SESSIONS_SQL_BENCH_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DATABASES = ("postgresql", "sqlite")
+DATABASES = ("postgresql", "psycopg", "sqlite")
 MODES = ("serial", "concurrent")
 PARTS = ("ops", "gc", "listing", "web", "bots")
 
@@ -113,7 +113,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--db",
         type=_csv(DATABASES),
         default=list(DATABASES),
-        help="databases to run on (default: postgresql,sqlite)",
+        help="databases to run on: postgresql (asyncpg), psycopg (PostgreSQL through psycopg 3), "
+        "sqlite (default: all)",
     )
     p.add_argument(
         "--pg-url",
@@ -339,13 +340,21 @@ class Target:
         await self.sql.engine.dispose()
 
 
-async def open_postgresql(args: argparse.Namespace) -> Target:
+async def open_postgresql(args: argparse.Namespace, db: str) -> Target:
+    """PostgreSQL through asyncpg (``db`` "postgresql") or psycopg 3 ("psycopg"), each against
+    its own raw driver: a pool of ``pool_size`` connections, and one dedicated connection for
+    the serial rounds."""
     if await ensure_database(args.pg_url):
         log(f"created database {args.pg_url}")
-    sa_url = sqlalchemy_url(args.pg_url)
+    sa_url = sqlalchemy_url(args.pg_url, "asyncpg" if db == "postgresql" else db)
     await migrate(sa_url)
-    raw = await RawPostgres.connect(asyncpg_dsn(args.pg_url), args.pool_size)
-    dedicated = await RawPostgres.dedicated(asyncpg_dsn(args.pg_url))
+    dsn = asyncpg_dsn(args.pg_url)
+    if db == "postgresql":
+        raw = await RawPostgres.connect(dsn, args.pool_size)
+        dedicated = await RawPostgres.dedicated(dsn)
+    else:
+        raw = await RawPostgres.psycopg(dsn, args.pool_size)
+        dedicated = await RawPostgres.psycopg(dsn, 1)
     sql = SQLAlchemyBackend.from_url(sa_url, pool_size=args.pool_size, max_overflow=0)
     admin = await PostgresAdmin.connect(args.pg_url)
 
@@ -353,7 +362,7 @@ async def open_postgresql(args: argparse.Namespace) -> Target:
         await raw.close()
         await dedicated.close()
 
-    return Target("postgresql", sa_url, raw, sql, admin, close_raw, args.pg_url, dedicated)
+    return Target(db, sa_url, raw, sql, admin, close_raw, args.pg_url, dedicated)
 
 
 async def open_sqlite(args: argparse.Namespace, directory: str) -> Target:
@@ -597,9 +606,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     database_parts = {"ops", "gc", "listing"} & set(args.parts)
     with tempfile.TemporaryDirectory(prefix="sessions_sql_bench_") as directory:
         for db in args.db if database_parts else ():
-            t = await (
-                open_postgresql(args) if db == "postgresql" else open_sqlite(args, directory)
-            )
+            if db == "sqlite":
+                t = await open_sqlite(args, directory)
+            else:
+                t = await open_postgresql(args, db)
             try:
                 if isinstance(t.admin, PostgresAdmin):
                     server_version = await t.admin.server_version()
@@ -610,7 +620,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if db == "postgresql" and "gc" in args.parts and args.gc_sessions > 0:
                     for kind in args.gc_kinds:
                         gcs[kind] = await bench_gc(t, args, w, kind)
-                if "listing" in args.parts and args.listing_sessions > 0:
+                listed = db in ("postgresql", "sqlite")  # psycopg: the same server as asyncpg
+                if "listing" in args.parts and listed and args.listing_sessions > 0:
                     log(f"{db}: listing {args.listing_sessions:,} sessions")
                     for attempt in range(1, ATTEMPTS + 1):
                         try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 from sqlalchemy.engine.interfaces import Dialect as SADialect
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -19,7 +20,12 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from sessions_sql._dialects import Many, Script, dialect_for
 
-__all__ = ["PG", "SQLITE", "PostgresSQL", "SQLiteSQL"]
+__all__ = ["PG", "POSITIONS", "PSYCOPG", "SQLITE", "PostgresSQL", "SQLiteSQL"]
+
+
+#: For each statement text, which of the parameters (in the order the fields below list them)
+#: each placeholder takes.
+POSITIONS: dict[str, tuple[int, ...]] = {}
 
 
 def _compile(script: Script, dialect: SADialect, *expected: tuple[str, ...]) -> tuple[str, ...]:
@@ -31,9 +37,12 @@ def _compile(script: Script, dialect: SADialect, *expected: tuple[str, ...]) -> 
         statement = item.statement if isinstance(item, Many) else item
         compiled = cast(SQLCompiler, cast(ClauseElement, statement).compile(dialect=dialect))
         got = tuple(compiled.positiontup or ())
-        if got != names:
+        if tuple(dict.fromkeys(got)) != names:
             raise RuntimeError(f"statement parameters changed: {got} != {names}: {compiled}")
         texts.append(str(compiled))
+        # A paramstyle without numbered placeholders (psycopg's %s) repeats a parameter
+        # wherever it is used.
+        POSITIONS[str(compiled)] = tuple(names.index(name) for name in got)
     return tuple(texts)
 
 
@@ -81,9 +90,8 @@ class SQLiteSQL:
     set_session_expiry: str  # ? expires_at, ? sid
 
 
-def _postgres() -> PostgresSQL:
+def _postgres(dialect: SADialect) -> PostgresSQL:
     d = dialect_for("postgresql")
-    dialect = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
     return PostgresSQL(
         get_session_age=_one(d.get_session_age, dialect, "sid"),
         remove_session=_one(d.remove_session, dialect, "sid"),
@@ -132,5 +140,7 @@ def _sqlite() -> SQLiteSQL:
 
 
 #: The statements of each database, as text with positional parameters.
-PG = _postgres()
+PG = _postgres(PGDialect_asyncpg())  # type: ignore[no-untyped-call]
+#: psycopg with the positional %s placeholders sessions_sql's psycopg path compiles for.
+PSYCOPG = _postgres(PGDialect_psycopg(paramstyle="format"))  # type: ignore[no-untyped-call]
 SQLITE = _sqlite()
