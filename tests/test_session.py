@@ -22,6 +22,8 @@ from sessions_sql import (
     SessionError,
     SessionManager,
     SQLAlchemyBackend,
+    decode_value,
+    encode_value,
 )
 
 from .pgproxy import counting_round_trips
@@ -95,6 +97,21 @@ async def test_stored_format_matches_the_original(any_backend: SessionBackend) -
     assert await any_backend.read_value("s", "k") == (
         b'{"expires_at":1700000060,"value":{"a":"\xc3\xbc","b":[1,2]}}'
     )
+
+
+async def test_the_value_format_is_public(any_backend: SessionBackend) -> None:
+    session = SessionManager(any_backend, clock=FakeClock(1000)).get_session("s")
+    await session.set("k", ["ü", 1])
+    await session.expire("k", 60)
+    stored = await any_backend.read_value("s", "k")
+    assert stored == encode_value(["ü", 1], 1060)
+    assert decode_value(stored) == (1060, ["ü", 1])
+    await any_backend.write_value("s", "mine", encode_value({"a": None}))
+    assert await session.get("mine") == {"a": None}
+    with pytest.raises(TypeError, match="JSON"):
+        encode_value(b"bytes")
+    with pytest.raises(SessionError, match="session format"):
+        decode_value(b'{"expires_at":-1,"value":1}')
 
 
 async def test_reads_the_original_format_leniently(any_backend: SessionBackend) -> None:
