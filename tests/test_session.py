@@ -26,6 +26,7 @@ from sessions_sql import (
     encode_value,
 )
 
+from .conftest import guard
 from .pgproxy import counting_round_trips
 
 
@@ -439,9 +440,9 @@ async def test_run_collects_until_stopped() -> None:
     await asyncio.sleep(0.05)
     assert not task.done()  # waiting for the next period
     collector.stop()
-    await asyncio.wait_for(task, timeout=10)  # a hang guard, not a speed limit
+    await guard(task, "the stopped collector")
     # A stopped collector's run() returns at once.
-    await asyncio.wait_for(collector.run(), timeout=10)
+    await guard(collector.run(), "a stopped collector's run()")
 
 
 async def test_run_survives_a_failed_pass(
@@ -453,7 +454,7 @@ async def test_run_survives_a_failed_pass(
         while len([r for r in caplog.records if "collection failed" in r.getMessage()]) < 2:
             await asyncio.sleep(0.01)
         collector.stop()
-        await asyncio.wait_for(task, timeout=10)
+        await guard(task, "the stopped collector")
 
 
 async def test_collector_statements_grow_with_batches_not_sessions(postgres_url: str) -> None:
