@@ -85,7 +85,8 @@ def _time(moment: datetime | str | None) -> int | None:
 
 
 def _rowcount(count: Any) -> int:
-    return int(count)
+    # A removal's row count, or the count a removal function returned as its one row.
+    return int(count if isinstance(count, int) else count[0][0])
 
 
 class SQLAlchemyBackend:
