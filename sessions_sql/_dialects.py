@@ -479,10 +479,11 @@ _EXISTS = text("SELECT to_regclass(:table) IS NOT NULL").bindparams(
 _DISTRIBUTED = text(
     "SELECT 1 FROM pg_dist_partition WHERE logicalrelid = to_regclass(:table)"
 ).bindparams(bindparam("table", type_=String))
-_FUNCTIONS = text(
-    "SELECT count(*) FROM pg_proc WHERE proname = ANY(:names) "
-    "AND pronamespace = coalesce(to_regnamespace(:schema), current_schema()::regnamespace)"
-).bindparams(bindparam("names", type_=postgresql.ARRAY(String)), bindparam("schema", type_=String))
+# Without array parameters: asyncpg looks an array type up in the catalog once per
+# connection, and on a Citus coordinator that query is slow (see the README).
+_FUNCTION = text("SELECT to_regprocedure(:signature) IS NOT NULL").bindparams(
+    bindparam("signature", type_=String)
+)
 
 
 def has_citus(connection: Connection) -> bool:
@@ -497,9 +498,11 @@ def _find_citus(connection: Connection, schema: str | None) -> Dialect | None:
     table = _qualified(connection, schema, "sessions")
     if connection.execute(_DISTRIBUTED, {"table": table}).first() is None:
         return None
-    names = list(CITUS_FUNCTIONS)
-    found = connection.execute(_FUNCTIONS, {"names": names, "schema": schema}).scalar_one()
-    if found < len(names):
+    prefix = _qualified(connection, schema, "")
+    if not all(
+        connection.execute(_FUNCTION, {"signature": f"{prefix}{name}({args})"}).scalar_one()
+        for name, args in CITUS_FUNCTIONS.items()
+    ):
         raise BackendError(
             "the sessions table is distributed by Citus but sessions_sql's functions are "
             "missing: run sessions_sql.migrate(..., citus=True)"

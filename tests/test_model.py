@@ -11,12 +11,15 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from sqlalchemy import text
 
 from sessions_sql import KEEP, MemoryBackend, SQLAlchemyBackend
+
+from .conftest import CITUS, DATABASES, empty_database
 
 T = TypeVar("T")
 
@@ -152,6 +155,12 @@ class BackendMachine(RuleBasedStateMachine):
             created = self.run(self.real.get_session_age(sid))
             assert created is not None
             assert self.created.setdefault(sid, created) == created  # set once, never changed
+
+
+@pytest.fixture(params=[*DATABASES, *CITUS])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Every database, and Citus."""
+    return empty_database(request, request.param)
 
 
 def test_backend_matches_the_model(db_url: str) -> None:
