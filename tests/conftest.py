@@ -169,6 +169,7 @@ class CitusCluster:
 
     def __init__(self, url: str, workers: list[tuple[str, int]]) -> None:
         self.url = url
+        self.admin_database = make_url(url).database or "postgres"
         self.workers = workers
         self.created: list[str] = []
 
@@ -210,14 +211,12 @@ class CitusCluster:
         return self.node_url(name)
 
     def drop_all(self) -> None:
+        # Node by node, coordinator first (its connections to the workers end with it): a
+        # propagated DROP would find the coordinator's own connections on the workers.
         for name in self.created:
-            asyncio.run(
-                _admin(
-                    self.url,
-                    "SET citus.enable_create_database_propagation TO on",
-                    f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
-                )
-            )
+            for node in (None, *self.workers):
+                url = self.node_url(self.admin_database, node)
+                asyncio.run(_admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _workers(url: str) -> list[tuple[str, int]]:
