@@ -334,8 +334,9 @@ def _postgresql() -> Dialect:
 # argument to the worker holding the shard (create_distributed_function), whose body runs
 # the same steps as separate statements against the local shard: one hop from the
 # coordinator, as a read. The batch removals lock with SKIP LOCKED, which Citus allows only
-# within one shard: each batch runs on every shard at once (run_command_on_shards), each
-# shard in its own transaction. The functions are created by ``migrate(..., citus=True)``.
+# within one shard: a batch runs on every node holding shards at once, and there on each of
+# its shards in turn, each shard in its own transaction (a pass removes up to the batch
+# size per shard). The functions are created by ``migrate(..., citus=True)``.
 
 #: The functions the Citus dialect calls, with their argument types.
 CITUS_FUNCTIONS = {
@@ -343,6 +344,7 @@ CITUS_FUNCTIONS = {
     "sessions_sql_update_session": "varchar, varchar[], bytea[], varchar[], boolean, timestamptz",
     "sessions_sql_remove_created_before": "timestamptz, integer",
     "sessions_sql_remove_expired": "timestamptz, integer",
+    "sessions_sql_remove_local_batches": "text, bigint",
 }
 #: Those delegated to the shard of their first argument (the session id).
 _DELEGATED = ("sessions_sql_write_value", "sessions_sql_update_session")
@@ -383,27 +385,62 @@ END
 $fn$""",
 }
 
-# One bounded batch on one shard (%1$s: the shard's name, given by run_command_on_shards),
-# as the PostgreSQL batch: rows locked by writers skipped, never waited for.
+# One bounded batch on one shard (%1$s: the shard table's name), as the PostgreSQL batch:
+# rows locked by writers skipped, never waited for; the values go by the shard's cascade.
 _SHARD_BATCH = (
     "WITH doomed AS (DELETE FROM %%1$s WHERE id = ANY(ARRAY(SELECT id FROM %%1$s "
     "WHERE {condition} ORDER BY {order} LIMIT %s FOR UPDATE SKIP LOCKED)) RETURNING 1) "
     "SELECT count(*) FROM doomed"
 )
+# On every node holding shards of the sessions table (created there by Citus): one batch on
+# each of its shards in turn, each shard its own transaction; returns how many it removed.
+_CITUS_BODIES["sessions_sql_remove_local_batches"] = """(
+    batch_sql text, INOUT removed bigint DEFAULT 0
+) LANGUAGE plpgsql AS $fn$
+DECLARE
+    shard text;
+    n bigint;
+BEGIN
+    FOR shard IN
+        SELECT shard_name(s.logicalrelid, s.shardid)
+        FROM pg_dist_shard s JOIN pg_dist_placement p USING (shardid)
+        WHERE s.logicalrelid = '{s}sessions'::regclass
+          AND p.groupid = (SELECT groupid FROM pg_dist_local_group)
+    LOOP
+        EXECUTE format(batch_sql, shard) INTO n;
+        removed := removed + n;
+        COMMIT;
+    END LOOP;
+END
+$fn$"""
+# On the coordinator: the batch on every node holding shards, the nodes at once (one
+# connection each, opened for the call), and the total removed.
 _REMOVE_BATCHES = """(moment timestamptz, batch integer)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
 DECLARE
     removed bigint := 0;
-    shard record;
+    names text[];
+    ports integer[];
+    command text;
+    node record;
 BEGIN
-    FOR shard IN SELECT * FROM run_command_on_shards(
-        '{s}sessions', format('{batch}', extract(epoch FROM moment), batch)
+    SELECT array_agg(nodename), array_agg(nodeport) INTO names, ports FROM (
+        SELECT DISTINCT nodename, nodeport::integer AS nodeport
+        FROM pg_dist_shard_placement JOIN pg_dist_shard USING (shardid)
+        WHERE logicalrelid = '{s}sessions'::regclass
+    ) nodes;
+    command := format(
+        'CALL {s}sessions_sql_remove_local_batches(%L)',
+        format('{batch}', extract(epoch FROM moment), batch)
+    );
+    FOR node IN SELECT * FROM master_run_on_worker(
+        names, ports, array_fill(command, ARRAY[cardinality(names)]), true
     ) LOOP
-        IF NOT shard.success THEN
-            RAISE EXCEPTION 'sessions_sql: a batch removal failed on shard %: %',
-                shard.shardid, shard.result;
+        IF NOT node.success THEN
+            RAISE EXCEPTION 'sessions_sql: a batch removal failed on %:%: %',
+                node.node_name, node.node_port, node.result;
         END IF;
-        removed := removed + shard.result::bigint;
+        removed := removed + node.result::bigint;
     END LOOP;
     RETURN removed;
 END
@@ -439,14 +476,19 @@ def _citus_setup(connection: Connection, schema: str | None) -> list[str]:
             f"WHERE logicalrelid = '{table}'::regclass)"
         )
     for name, body in _CITUS_BODIES.items():
-        statements.append(
-            f"CREATE OR REPLACE FUNCTION {prefix}{name}" + body.replace("{s}", prefix)
-        )
+        kind = "PROCEDURE" if "INOUT" in body else "FUNCTION"
+        statements.append(f"CREATE OR REPLACE {kind} {prefix}{name}" + body.replace("{s}", prefix))
     for name in _DELEGATED:
         statements.append(
             f"SELECT create_distributed_function('{prefix}{name}({CITUS_FUNCTIONS[name]})', "
             f"'sid', colocate_with => '{sessions}')"
         )
+    # Created on every node (not delegated): the nodes holding shards run it.
+    local = f"{prefix}sessions_sql_remove_local_batches"
+    statements.append(
+        f"SELECT create_distributed_function('{local}"
+        f"({CITUS_FUNCTIONS['sessions_sql_remove_local_batches']})')"
+    )
     return statements
 
 
