@@ -350,6 +350,12 @@ class Target:
                 await asyncio.sleep(1)
         with contextlib.suppress(Exception):  # the old connection is probably gone already
             await self.admin.close()
+        if isinstance(self.admin, PairAdmin):  # the Citus comparison: two backends
+            self.admin = await PairAdmin.connect(*self.admin.urls)
+            assert isinstance(self.raw, SQLAlchemyBackend)
+            await self.raw.engine.dispose()
+            await self.sql.engine.dispose()
+            return
         self.admin = await PostgresAdmin.connect(self.pg_url)
         assert isinstance(self.raw, RawPostgres)
         await self.raw.expire()
@@ -401,10 +407,8 @@ async def open_citus(args: argparse.Namespace) -> Target:
     pool = {"pool_size": args.pool_size, "max_overflow": 0}
     peer = SQLAlchemyBackend.from_url(pg_url, **pool)
     sql = SQLAlchemyBackend.from_url(citus_url, **pool)
-    admin = PairAdmin(
-        await PostgresAdmin.connect(args.pg_url), await PostgresAdmin.connect(args.citus_url)
-    )
-    return Target("citus", citus_url, peer, sql, admin, peer.close)
+    admin = await PairAdmin.connect(args.pg_url, args.citus_url)
+    return Target("citus", citus_url, peer, sql, admin, peer.close, args.pg_url)
 
 
 async def bench_gc_citus(args: argparse.Namespace, w: Workload, kind: str) -> dict[str, Any]:

@@ -131,6 +131,13 @@ class PairAdmin:
 
     first: PostgresAdmin
     second: PostgresAdmin
+    urls: tuple[str, str]
+
+    @classmethod
+    async def connect(cls, first: str, second: str) -> PairAdmin:
+        return cls(
+            await PostgresAdmin.connect(first), await PostgresAdmin.connect(second), (first, second)
+        )
 
     async def truncate(self) -> None:
         await self.first.truncate()

@@ -123,6 +123,27 @@ async def test_the_backend_finds_citus_from_the_database(citus_db: str) -> None:
         assert owned._executor.dialect.name == "citus"
 
 
+async def test_calls_in_the_host_transaction_commit_and_roll_back_with_it(citus_db: str) -> None:
+    """Through using(): the Citus writes (there not delegated, run by the coordinator inside
+    the host's transaction) commit or roll back with the host's own work."""
+    engine = create_async_engine(citus_db)
+    try:
+        backend = SQLAlchemyBackend(engine)
+        async with engine.begin() as conn:
+            bound = backend.using(conn)
+            await bound.write_value("h1", "k", b"v")
+            await bound.update_session("h1", {"a": b"1"}, remove=["k"])
+            assert bound._executor.dialect.name == "citus"
+            assert await bound.read_values("h1") == {"a": b"1"}
+        assert await backend.read_values("h1") == {"a": b"1"}
+        async with engine.connect() as conn:
+            await backend.using(conn).write_value("h2", "k", b"v")
+            await conn.rollback()
+        assert await backend.read_session("h2") is None
+    finally:
+        await engine.dispose()
+
+
 async def test_every_per_session_statement_is_routed_to_one_shard(citus_db: str) -> None:
     """EXPLAIN of every statement the Citus dialect sends for one session: one task on one
     worker, no distributed subplan, no intermediate results; the writes are the delegated
