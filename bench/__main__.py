@@ -37,10 +37,18 @@ from sessions_sql import SQLAlchemyBackend, migrate
 from sessions_sql._backend import DEFAULT_BATCH_SIZE
 
 from ._bots import bench_bots, bots_target, format_bots
-from ._db import Admin, PostgresAdmin, SQLiteAdmin, asyncpg_dsn, ensure_database, sqlalchemy_url
+from ._db import (
+    Admin,
+    PairAdmin,
+    PostgresAdmin,
+    SQLiteAdmin,
+    asyncpg_dsn,
+    ensure_database,
+    sqlalchemy_url,
+)
 from ._gc import KINDS, run_gc
 from ._raw import RawPostgres, RawSQLite, Store
-from ._report import OpResult, format_table, format_targets, targets
+from ._report import OpResult, citus_targets, format_table, format_targets, targets
 from ._web import format_web, run_web, web_targets
 from ._workload import OPERATIONS, Sample, Workload, run_round
 
@@ -50,7 +58,11 @@ PG_URL_ENV = "SESSIONS_SQL_BENCH_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1/sessions_sql_bench"
 REDIS_URL_ENV = "SESSIONS_SQL_BENCH_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DATABASES = ("postgresql", "psycopg", "sqlite")
+DATABASES = ("postgresql", "psycopg", "sqlite", "citus")
+#: A Citus coordinator (its workers added): ``--db citus`` runs the operations and the GC there
+#: side by side with plain PostgreSQL (--pg-url) instead of the raw driver.
+CITUS_URL_ENV = "SESSIONS_SQL_BENCH_CITUS_URL"
+DEFAULT_CITUS_URL = "postgresql://postgres@127.0.0.1:5440/postgres"
 MODES = ("serial", "concurrent")
 PARTS = ("ops", "gc", "listing", "web", "bots")
 
@@ -112,9 +124,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--db",
         type=_csv(DATABASES),
-        default=list(DATABASES),
+        default=["postgresql", "psycopg", "sqlite"],
         help="databases to run on: postgresql (asyncpg), psycopg (PostgreSQL through psycopg 3), "
-        "sqlite (default: all)",
+        "sqlite (default: these three); citus compares sessions_sql on a Citus cluster with "
+        "sessions_sql on plain PostgreSQL",
+    )
+    p.add_argument(
+        "--citus-url",
+        default=os.environ.get(CITUS_URL_ENV, DEFAULT_CITUS_URL),
+        help=f"Citus coordinator URL (default: ${CITUS_URL_ENV} or {DEFAULT_CITUS_URL}); "
+        "migrated with citus=True, its sessions tables are emptied",
     )
     p.add_argument(
         "--pg-url",
@@ -332,6 +351,12 @@ class Target:
                 await asyncio.sleep(1)
         with contextlib.suppress(Exception):  # the old connection is probably gone already
             await self.admin.close()
+        if isinstance(self.admin, PairAdmin):  # the Citus comparison: two backends
+            self.admin = await PairAdmin.connect(*self.admin.urls)
+            assert isinstance(self.raw, SQLAlchemyBackend)
+            await self.raw.engine.dispose()
+            await self.sql.engine.dispose()
+            return
         self.admin = await PostgresAdmin.connect(self.pg_url)
         assert isinstance(self.raw, RawPostgres)
         await self.raw.expire()
@@ -378,6 +403,60 @@ async def open_sqlite(args: argparse.Namespace, directory: str) -> Target:
     )
     admin = await SQLiteAdmin.connect(path)
     return Target("sqlite", sa_url, raw, sql, admin, raw.close)
+
+
+async def open_citus(args: argparse.Namespace) -> Target:
+    """sessions_sql on plain PostgreSQL (the peer, in the "raw" place) and on Citus, both with
+    the same pool, on the same data."""
+    if await ensure_database(args.pg_url):
+        log(f"created database {args.pg_url}")
+    pg_url, citus_url = sqlalchemy_url(args.pg_url), sqlalchemy_url(args.citus_url)
+    await migrate(pg_url)
+    await migrate(citus_url, citus=True)
+    pool = {"pool_size": args.pool_size, "max_overflow": 0}
+    peer = SQLAlchemyBackend.from_url(pg_url, **pool)
+    sql = SQLAlchemyBackend.from_url(citus_url, **pool)
+    admin = await PairAdmin.connect(args.pg_url, args.citus_url)
+    return Target("citus", citus_url, peer, sql, admin, peer.close, args.pg_url)
+
+
+async def bench_gc_citus(args: argparse.Namespace, w: Workload, kind: str) -> dict[str, Any]:
+    """The GC of ``kind`` on plain PostgreSQL, then on Citus, on the same data."""
+    runs = {}
+    for db, url in (("postgresql", args.pg_url), ("citus", args.citus_url)):
+        log(f"{db}: GC by {kind} of {args.gc_sessions:,} sessions among as many live ones")
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            outcome = await run_gc(
+                sqlalchemy_url(url),
+                conn,
+                n=args.gc_sessions,
+                keys=args.gc_values,
+                value=w.value,
+                writers=args.gc_writers,
+                baseline_seconds=args.gc_baseline,
+                batch_size=args.gc_batch_size,
+                kind=kind,
+            )
+            await conn.execute("TRUNCATE session_values, sessions")
+        finally:
+            await conn.close()
+        runs[db] = outcome.as_dict()
+        log(f"{db}: GC by {kind} {runs[db]['sessions_per_s']:,.0f} sessions/s")
+    return runs
+
+
+async def check_same_answers(t: Target, w: Workload) -> None:
+    """The two stores of the Citus comparison hold the same data set and answer alike."""
+    sid, key = w.sessions[0], w.keys[0]
+    for store in (t.raw, t.sql):
+        assert await store.read_value(sid, key) == w.value, t.db
+        assert await store.read_values(sid) == dict.fromkeys(w.keys, w.value), t.db
+        await store.update_session("eq-a", {"k": b"1"}, remove=["x"], expires_at=2_000_000_000)
+        snapshot = await store.read_session("eq-a")
+        assert snapshot is not None and snapshot.values == {"k": b"1"}, t.db
+        assert snapshot.expires_at == 2_000_000_000, t.db
+    await t.admin.cleanup("eq")
 
 
 async def check_equivalence(t: Target, w: Workload) -> None:
@@ -444,7 +523,10 @@ async def load_base(t: Target, w: Workload) -> None:
     await t.admin.truncate()
     await t.admin.put(w.base_rows())
     await t.admin.maintain()
-    await check_equivalence(t, w)
+    if t.db == "citus":  # two databases: each store answers alike on the same data
+        await check_same_answers(t, w)
+    else:
+        await check_equivalence(t, w)
 
 
 async def timed_round(
@@ -603,9 +685,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     listings: list[dict[str, Any]] = []
     server_version = None
     web: dict[str, Any] | None = None
+    citus_results: list[OpResult] = []
+    citus_gcs: dict[str, dict[str, Any]] = {}
     database_parts = {"ops", "gc", "listing"} & set(args.parts)
     with tempfile.TemporaryDirectory(prefix="sessions_sql_bench_") as directory:
-        for db in args.db if database_parts else ():
+        if "citus" in args.db and {"ops", "gc"} & set(args.parts):
+            t = await open_citus(args)
+            try:
+                if "ops" in args.parts:
+                    citus_results = await bench_operations(t, args, w)
+                await t.close_raw()
+                await t.sql.close()
+                if "gc" in args.parts and args.gc_sessions > 0:
+                    for kind in args.gc_kinds:
+                        citus_gcs[kind] = await bench_gc_citus(args, w, kind)
+                await t.admin.truncate()
+            finally:
+                await t.admin.close()
+        for db in [db for db in args.db if db != "citus"] if database_parts else ():
             if db == "sqlite":
                 t = await open_sqlite(args, directory)
             else:
@@ -652,6 +749,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "web": web,
         "bots": bots,
         "server_version": server_version,
+        "citus": citus_results,
+        "citus_gc": citus_gcs,
     }
 
 
@@ -682,9 +781,25 @@ def main(argv: list[str] | None = None) -> int:
     report = targets(results, gc, listings, outcome["gc_expired"])
     report.update(web_targets(outcome["web"]))
     report["bots"] = bots_target(outcome["bots"])
+    citus_results: list[OpResult] = outcome["citus"]
+    citus_gc: dict[str, dict[str, Any]] = outcome["citus_gc"]
+    if citus_results or citus_gc:
+        report.update(
+            citus_targets(
+                citus_results,
+                {kind: runs["citus"] for kind, runs in citus_gc.items()},
+                {kind: runs["postgresql"] for kind, runs in citus_gc.items()},
+            )
+        )
 
     if results:
         print(format_table(results))
+    if citus_results:
+        print("\nsessions_sql on Citus (coordinator and two workers) against plain PostgreSQL")
+        print(format_table(citus_results, peer="postgresql", subject="citus"))
+    for runs in citus_gc.values():
+        for db, gc_run in runs.items():
+            print(format_gc(gc_run).replace("(postgresql)", f"({db})", 1))
     for gc_run in (gc, outcome["gc_expired"]):
         if gc_run is not None:
             print(format_gc(gc_run))
@@ -733,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
             "listings": listings,
             "web": outcome["web"],
             "bots": outcome["bots"],
+            "citus": [r.as_dict() for r in citus_results],
+            "citus_gc": citus_gc,
             "targets": report,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from ._raw import open_sqlite
 
 __all__ = [
     "Admin",
+    "PairAdmin",
     "PostgresAdmin",
     "Row",
     "SQLiteAdmin",
@@ -121,6 +122,42 @@ class PostgresAdmin:
 
     async def close(self) -> None:
         await self.conn.close()
+
+
+@dataclass
+class PairAdmin:
+    """The same untimed work on two databases (plain PostgreSQL and a Citus cluster), so that
+    both hold the same data set."""
+
+    first: PostgresAdmin
+    second: PostgresAdmin
+    urls: tuple[str, str]
+
+    @classmethod
+    async def connect(cls, first: str, second: str) -> PairAdmin:
+        return cls(
+            await PostgresAdmin.connect(first), await PostgresAdmin.connect(second), (first, second)
+        )
+
+    async def truncate(self) -> None:
+        await self.first.truncate()
+        await self.second.truncate()
+
+    async def put(self, rows: Sequence[Row]) -> None:
+        await self.first.put(rows)
+        await self.second.put(rows)
+
+    async def cleanup(self, prefix: str) -> None:
+        await self.first.cleanup(prefix)
+        await self.second.cleanup(prefix)
+
+    async def maintain(self) -> None:
+        await self.first.maintain()
+        await self.second.maintain()
+
+    async def close(self) -> None:
+        await self.first.close()
+        await self.second.close()
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 
 from ._workload import Sample
 
-__all__ = ["OpResult", "format_table", "format_targets", "targets"]
+__all__ = ["OpResult", "citus_targets", "format_table", "format_targets", "targets"]
 
 #: Required throughput of sessions_sql relative to the raw driver, per mode.
 RATIO_TARGETS = {"serial": 0.9, "concurrent": 0.75}
@@ -74,10 +74,10 @@ def _sample(s: Sample) -> dict[str, float]:
     }
 
 
-def format_table(results: list[OpResult]) -> str:
+def format_table(results: list[OpResult], peer: str = "raw", subject: str = "sql") -> str:
     header = (
-        "db", "mode", "op", "raw ops/s", "sql ops/s", "ratio",
-        "raw p50", "raw p99", "sql p50", "sql p99",
+        "db", "mode", "op", f"{peer} ops/s", f"{subject} ops/s", "ratio",
+        f"{peer} p50", f"{peer} p99", f"{subject} p50", f"{subject} p99",
     )  # fmt: skip
     lines = [header]
     for r in results:
@@ -110,7 +110,7 @@ def format_table(results: list[OpResult]) -> str:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("latencies in ms (median over rounds of each round's p50/p99); ratio = median")
-    out.append("of per-pair sessions_sql/raw throughput; * = below the target for the mode")
+    out.append(f"of per-pair {subject}/{peer} throughput; * = below the target for the mode")
     return "\n".join(out)
 
 
@@ -179,3 +179,53 @@ def format_targets(report: dict[str, Any]) -> str:
         for miss in target.get("misses", []):
             lines.append(f"    {miss['db']} {miss['mode']} {miss['op']}: {miss['ratio']:.2f}x")
     return "\n".join(lines)
+
+
+#: The operations of the Citus comparison that only read, and the share of their ratio (to
+#: plain PostgreSQL) that every writing operation must reach.
+CITUS_READS = (
+    "read_value_hit",
+    "read_value_miss",
+    "get_session_age",
+    "read_values",
+    "read_session",
+)
+CITUS_WRITE_SHARE = 0.8
+
+
+def citus_targets(
+    results: list[OpResult], gcs: dict[str, dict[str, Any]], gcs_pg: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The Citus targets: per mode, every write's ratio to plain PostgreSQL at least
+    CITUS_WRITE_SHARE of the reads' (median) ratio; GC at least as fast per session."""
+    misses, reads = [], {}
+    for mode in sorted({r.mode for r in results}):
+        rows = [r for r in results if r.mode == mode]
+        read = _median([r.ratio for r in rows if r.op in CITUS_READS])
+        reads[mode] = round(read, 3)
+        for r in rows:
+            if r.op not in CITUS_READS and r.ratio < CITUS_WRITE_SHARE * read:
+                misses.append({"db": r.db, "mode": mode, "op": r.op, "ratio": round(r.ratio, 3)})
+    writes: dict[str, Any] = {
+        "description": f"every write's ratio to plain PostgreSQL >= {CITUS_WRITE_SHARE}x the "
+        "reads' median ratio, per mode (Citus)",
+        "measured": bool(results),
+        "met": bool(results) and not misses,
+        "read_ratios": reads,
+        "misses": misses,
+    }
+    kinds = sorted(set(gcs) & set(gcs_pg))
+    gc: dict[str, Any] = {
+        "description": "GC on Citus at least as fast per session as on plain PostgreSQL",
+        "measured": bool(kinds),
+        "met": bool(kinds)
+        and all(gcs[k]["sessions_per_s"] >= gcs_pg[k]["sessions_per_s"] for k in kinds),
+        "sessions_per_s": {
+            k: {
+                "citus": round(gcs[k]["sessions_per_s"]),
+                "postgresql": round(gcs_pg[k]["sessions_per_s"]),
+            }
+            for k in kinds
+        },
+    }
+    return {"citus_writes": writes, "citus_gc": gc}

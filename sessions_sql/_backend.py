@@ -85,16 +85,18 @@ def _time(moment: datetime | str | None) -> int | None:
 
 
 def _rowcount(count: Any) -> int:
-    return int(count)
+    # A removal's row count, or the count a removal function returned as its one row.
+    return int(count if isinstance(count, int) else count[0][0])
 
 
 class SQLAlchemyBackend:
     """Sessions stored in the ``sessions`` and ``session_values`` tables of a SQL database.
 
-    Works on PostgreSQL (asyncpg) and SQLite (aiosqlite). The tables must exist: create
-    them with :func:`sessions_sql.migrate` (or :meth:`create_all` in tests). No DDL runs
-    implicitly. The engine's pool is shared; each call checks out a connection for one
-    short transaction.
+    Works on PostgreSQL (asyncpg) and SQLite (aiosqlite), and on a Citus coordinator whose
+    tables ``migrate(..., citus=True)`` distributed (found on the first call). The tables
+    must exist: create them with :func:`sessions_sql.migrate` (or :meth:`create_all` in
+    tests). No DDL runs implicitly. The engine's pool is shared; each call checks out a
+    connection for one short transaction.
     """
 
     def __init__(

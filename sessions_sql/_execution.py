@@ -206,21 +206,31 @@ class _StaleConnection(Exception):
     """A pooled connection opened before the call was found closed (a server restart)."""
 
 
+class _Variant:
+    """The variant of an executor's dialect that its database needs (``Dialect.variant``),
+    found on the first call and shared with the executor's bound copies."""
+
+    def __init__(self, sql: Dialect) -> None:
+        self.sql = sql
+        #: Looks the variant up; ``None`` once it was looked up.
+        self.find = sql.variant
+        #: The variant's script of each script of the dialect, if there is a variant.
+        self.scripts: dict[Script, Script] = {}
+        self.lock = LoopLock()
+
+
 class Executor:
-    """Runs the scripts of ``sql`` on ``engine``, in the tables of ``schema``."""
+    """Runs the scripts of ``sql`` on ``engine``, in the tables of ``schema``; on the first
+    call, switches to the variant of ``sql`` the database needs, if any (Citus)."""
 
     def __init__(self, engine: AsyncEngine, sql: Dialect, schema: str | None) -> None:
         self._engine = engine
         self._sql = sql
+        self._schema = schema
+        self._variant = _Variant(sql)
         self._driver = driver_for(engine.dialect.driver)
         self._compiled: dict[Script, tuple[Statement, ...]] = {}
-        if self._driver is not None:
-            dialect: Any = engine.dialect
-            if self._driver.paramstyle is not None:  # the same dialect, other placeholders
-                dialect = type(dialect)(paramstyle=self._driver.paramstyle)
-            self._compiled = {
-                script: compile_script(script, dialect, schema) for script in sql.scripts()
-            }
+        self._compile(sql)
         # Without a fast path: the same pool, with its connections in autocommit.
         self._autocommit = engine.sync_engine.execution_options(isolation_level="AUTOCOMMIT")
         # This process's writes queue here on a database with a single writer (SQLite).
@@ -234,6 +244,39 @@ class Executor:
             self._options["schema_translate_map"] = {None: schema}
         if not event.contains(engine.sync_engine, "connect", _note_connect_time):
             event.listen(engine.sync_engine, "connect", _note_connect_time)
+
+    def _compile(self, sql: Dialect) -> None:
+        """Compile the scripts of ``sql`` for the driver's fast path, if it has one."""
+        if self._driver is not None:
+            dialect: Any = self._engine.dialect
+            if self._driver.paramstyle is not None:  # the same dialect, other placeholders
+                dialect = type(dialect)(paramstyle=self._driver.paramstyle)
+            for script in sql.scripts():
+                self._compiled[script] = compile_script(script, dialect, self._schema)
+
+    @property
+    def dialect(self) -> Dialect:
+        """The statements in use: the dialect's, or its variant's once found."""
+        return self._variant.sql
+
+    async def _find_variant(self) -> None:
+        """Look up the dialect's variant on a connection (the host's when bound), once."""
+        variant = self._variant
+        async with variant.lock:
+            if variant.find is None:
+                return
+            if self._bound is not None:
+                bound = self._bound
+                conn = await bound.connection() if isinstance(bound, AsyncSession) else bound
+                found = await conn.run_sync(variant.find, self._schema)
+            else:
+                async with self._engine.connect() as conn:
+                    found = await conn.run_sync(variant.find, self._schema)
+            if found is not None:
+                self._compile(found)
+                variant.scripts.update(self._sql.scripts_of(found))
+                variant.sql = found
+            variant.find = None
 
     def keep_connections(self) -> None:
         """Keep connections checked out between calls (for an engine of our own whose driver
@@ -272,6 +315,15 @@ class Executor:
         The checkout, the script and the return to the pool run in one greenlet (one switch
         per call, not one per statement); retries what is safe to retry; maps errors.
         """
+        if self._variant.find is not None:
+            try:
+                await self._find_variant()
+            except BackendError:
+                raise
+            except Exception as error:  # the database or driver: the next call looks again
+                raise backend_error(operation, error) from error
+        if self._variant.scripts:
+            script = self._variant.scripts[script]
         if self._bound is not None:
             return await self._run_bound(operation, self._bound, script, params, fetch)
         if self._write_lock is not None and getattr(script[0], "is_dml", False):

@@ -61,12 +61,18 @@ def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
 
 
 def alembic_config(
-    connection: Connection | None = None, *, schema: str | None = None, url: str | None = None
+    connection: Connection | None = None,
+    *,
+    schema: str | None = None,
+    url: str | None = None,
+    citus: bool = False,
 ) -> Config:
     """Return an Alembic ``Config`` for the packaged migrations.
 
     With ``connection`` (not inside a transaction: the migrations begin and commit their own)
     the migrations run on it; else on ``url`` (offline ``--sql`` mode needs only that).
+    ``citus`` distributes the tables on a Citus coordinator after an upgrade (as ``-x
+    citus=true`` on the command line).
     """
     config = Config()
     config.set_main_option("script_location", SCRIPT_LOCATION)
@@ -74,25 +80,36 @@ def alembic_config(
         config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["connection"] = connection
     config.attributes["schema"] = schema
+    if citus:
+        config.attributes["citus"] = True
     return config
 
 
-def _upgrade(connection: Connection, revision: str, schema: str | None) -> None:
-    command.upgrade(alembic_config(connection, schema=schema), revision)
+def _upgrade(connection: Connection, revision: str, schema: str | None, citus: bool) -> None:
+    command.upgrade(alembic_config(connection, schema=schema, citus=citus), revision)
 
 
 async def migrate(
-    engine_or_url: AsyncEngine | str | URL, revision: str = "head", *, schema: str | None = None
+    engine_or_url: AsyncEngine | str | URL,
+    revision: str = "head",
+    *,
+    schema: str | None = None,
+    citus: bool = False,
 ) -> None:
     """Upgrade the database to ``revision`` (default: the newest) with the packaged migrations.
 
     Safe to run from several workers at once on PostgreSQL (an advisory lock serialises them).
-    ``schema`` puts the tables and the version table in that PostgreSQL schema.
+    ``schema`` puts the tables and the version table in that PostgreSQL schema. ``citus``
+    (on a Citus coordinator) then distributes both tables by session id, co-located, and
+    creates the functions the backend runs there; idempotent, and a ``BackendError`` on a
+    server without the citus extension.
     """
     if not isinstance(revision, str) or not revision:
         raise ValueError("revision must be a non-empty str")
     if schema is not None and (not isinstance(schema, str) or not schema):
         raise ValueError("schema must be a non-empty str or None")
+    if not isinstance(citus, bool):
+        raise TypeError(f"citus must be a bool, not {type(citus).__name__}")
     if isinstance(engine_or_url, AsyncEngine):
         engine, owned = engine_or_url, False
     elif isinstance(engine_or_url, (str, URL)):
@@ -103,7 +120,9 @@ async def migrate(
         )
     try:
         async with _ONE_AT_A_TIME, engine.connect() as conn:
-            await conn.run_sync(_upgrade, revision, schema)
+            await conn.run_sync(_upgrade, revision, schema, citus)
+    except BackendError:
+        raise
     except (SQLAlchemyError, OSError) as error:
         raise BackendError(
             f"migration failed: the database raised {type(error).__name__}"

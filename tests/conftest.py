@@ -5,7 +5,9 @@ PostgreSQL comes from SESSIONS_SQL_TEST_POSTGRES_URL (any database on the server
 create and drop databases of their own beside it). Without the variable the PostgreSQL cases
 skip, except when CI is set: then a missing or unreachable server fails the run. The contract
 and race tests also run through PgBouncer in transaction mode, from
-SESSIONS_SQL_TEST_PGBOUNCER_URL (a PgBouncer in front of that server; same rules).
+SESSIONS_SQL_TEST_PGBOUNCER_URL (a PgBouncer in front of that server; same rules). The
+contract, model, race, garbage collection and migration tests also run on a Citus cluster,
+from SESSIONS_SQL_TEST_CITUS_URL (its coordinator, with its workers added; same rules).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sessions_sql import MemoryBackend, SQLAlchemyBackend, migrate
 
 POSTGRES_ENV = "SESSIONS_SQL_TEST_POSTGRES_URL"
 PGBOUNCER_ENV = "SESSIONS_SQL_TEST_PGBOUNCER_URL"
+CITUS_ENV = "SESSIONS_SQL_TEST_CITUS_URL"
 #: Seconds without an outcome after which a step counts as hung. Only ever reached by a hang,
 #: so generous: on a loaded 2-core machine a child process took 12 s just to import aiogram.
 HANG_GUARD = 300.0
@@ -157,7 +160,119 @@ def pgbouncer_url(postgres_url: str) -> str:
     return rendered
 
 
+# Citus: a cluster whose coordinator is at SESSIONS_SQL_TEST_CITUS_URL.
+
+
+class CitusCluster:
+    """The test cluster: makes fresh databases on every node, each with the citus extension
+    and the workers added (as on a new cluster), and drops them afterwards."""
+
+    SHARDS = 4
+
+    def __init__(self, url: str, workers: list[tuple[str, int]]) -> None:
+        self.url = url
+        self.admin_database = make_url(url).database or "postgres"
+        self.workers = workers
+        self.created: list[str] = []
+
+    def node_url(self, database: str, node: tuple[str, int] | None = None) -> str:
+        url = make_url(self.url).set(database=database)
+        if node is not None:
+            url = url.set(host=node[0], port=node[1])
+        return url.render_as_string(hide_password=False)
+
+    def new_database(self) -> str:
+        """Create an empty database on the cluster and return its URL (asyncpg driver)."""
+        name = f"sessions_sql_test_{uuid.uuid4().hex[:12]}"
+        # Citus 13 creates the database on the workers too, when asked to.
+        asyncio.run(
+            _admin(
+                self.url,
+                "SET citus.enable_create_database_propagation TO on",
+                f'CREATE DATABASE "{name}"',
+            )
+        )
+        self.created.append(name)
+        for node in self.workers:
+            asyncio.run(_admin(self.node_url(name, node), "CREATE EXTENSION citus"))
+        coordinator = make_url(self.url)
+        asyncio.run(
+            _admin(
+                self.node_url(name),
+                # Fewer shards than Citus's default 32 (two per worker still): every
+                # multi-shard statement of the tests (TRUNCATE, a batch removal) costs less.
+                f'ALTER DATABASE "{name}" SET citus.shard_count = {self.SHARDS}',
+                # As the README advises: catalog queries (asyncpg's type lookups on a new
+                # connection) are slow while the coordinator hides the shards from them.
+                f'ALTER DATABASE "{name}" SET citus.override_table_visibility = off',
+                "CREATE EXTENSION citus",
+                f"SELECT citus_set_coordinator_host('{coordinator.host}', {coordinator.port})",
+                *(f"SELECT citus_add_node('{host}', {port})" for host, port in self.workers),
+            )
+        )
+        return self.node_url(name)
+
+    def drop_all(self) -> None:
+        # Node by node, coordinator first (its connections to the workers end with it): a
+        # propagated DROP would find the coordinator's own connections on the workers.
+        for name in self.created:
+            for node in (None, *self.workers):
+                url = self.node_url(self.admin_database, node)
+                asyncio.run(_admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _workers(url: str) -> list[tuple[str, int]]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT nodename, nodeport FROM pg_dist_node "
+                    "WHERE groupid <> 0 AND noderole = 'primary' ORDER BY nodeport"
+                )
+            )
+            return [(host, int(port)) for host, port in rows]
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def citus_cluster() -> Iterator[CitusCluster]:
+    raw = os.environ.get(CITUS_ENV)
+    if not raw:
+        _postgres_unavailable(f"{CITUS_ENV} is not set", "Citus")
+    url = make_url(raw).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    try:
+        workers = asyncio.run(_workers(url))
+    except (OSError, SQLAlchemyError) as error:
+        _postgres_unavailable(f"cannot use ({type(error).__name__}: {error})", "Citus")
+    if not workers:
+        _postgres_unavailable("the coordinator has no workers", "Citus")
+    cluster = CitusCluster(url, workers)
+    yield cluster
+    cluster.drop_all()
+
+
+@pytest.fixture(scope="session")
+def citus_url(citus_cluster: CitusCluster) -> str:
+    """A database of the cluster migrated with citus=True, shared by the backend tests
+    (tables are emptied per test)."""
+    url = citus_cluster.new_database()
+    asyncio.run(migrate(url, citus=True))
+    return url
+
+
+@pytest.fixture
+def fresh_citus_url(citus_cluster: CitusCluster) -> str:
+    """URL of a new, empty database of the Citus cluster (not migrated)."""
+    return citus_cluster.new_database()
+
+
 def empty_database(request: pytest.FixtureRequest, database: str) -> str:
+    if database == "citus":
+        url = request.getfixturevalue("citus_url")
+        asyncio.run(_admin(url, "TRUNCATE sessions, session_values"))
+        return url
     if database == "sqlite":
         url: str = request.getfixturevalue("sqlite_url")
         asyncio.run(migrate(url))
@@ -173,6 +288,8 @@ def empty_database(request: pytest.FixtureRequest, database: str) -> str:
 DATABASES = ["sqlite", "postgresql", "psycopg"]
 #: PostgreSQL through PgBouncer in transaction mode, for the contract and race tests.
 PGBOUNCER = ["pgbouncer", "pgbouncer-psycopg"]
+#: A Citus cluster, tables distributed by session id: contract, model and race tests.
+CITUS = ["citus"]
 
 
 @pytest.fixture(params=DATABASES)

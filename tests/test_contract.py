@@ -15,12 +15,12 @@ from sessions_sql.testing import (
     SessionListingContract,
 )
 
-from .conftest import DATABASES, PGBOUNCER, empty_database
+from .conftest import CITUS, DATABASES, PGBOUNCER, empty_database
 
 
-@pytest.fixture(params=[*DATABASES, *PGBOUNCER])
+@pytest.fixture(params=[*DATABASES, *PGBOUNCER, *CITUS])
 def db_url(request: pytest.FixtureRequest) -> str:
-    """Every database, and PostgreSQL through PgBouncer in transaction mode too."""
+    """Every database, PostgreSQL through PgBouncer in transaction mode, and Citus."""
     return empty_database(request, request.param)
 
 

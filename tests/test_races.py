@@ -32,16 +32,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sessions_sql import SessionCollector, SQLAlchemyBackend, migrate
 
-from .conftest import DATABASES, PGBOUNCER, empty_database, guard, now, queue_pool
+from .conftest import CITUS, DATABASES, PGBOUNCER, empty_database, guard, now, queue_pool
 
 RACE_BUDGET = 2.5  # seconds of racing per workload
 LIFETIME = timedelta(days=1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=[*DATABASES, *PGBOUNCER])
+@pytest.fixture(params=[*DATABASES, *PGBOUNCER, *CITUS])
 def db_url(request: pytest.FixtureRequest) -> str:
-    """Every database, and PostgreSQL through PgBouncer in transaction mode too."""
+    """Every database, PostgreSQL through PgBouncer in transaction mode, and Citus."""
     return empty_database(request, request.param)
 
 

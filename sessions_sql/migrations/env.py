@@ -4,7 +4,9 @@ Run from code (``sessions_sql.migrate``, which passes a connection), or from the
 (``alembic -n <section> upgrade head``, where the section sets
 ``script_location = sessions_sql:migrations``). The database URL comes from the section's
 ``sqlalchemy.url``, else ``SESSIONS_SQL_URL``, else ``sqlite+aiosqlite:///sessions.db``. The
-PostgreSQL schema comes from ``-x schema=NAME``, else the section's ``schema`` option.
+PostgreSQL schema comes from ``-x schema=NAME``, else the section's ``schema`` option. On a
+Citus coordinator, ``-x citus=true`` (or the section's ``citus = true``) distributes the tables
+after an upgrade (see ``_dialects.citus_setup``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.schema import CreateSchema
 
-from sessions_sql._dialects import migration_lock
+from sessions_sql._dialects import distribute_on_citus, migration_lock
 from sessions_sql._migrate import VERSION_TABLE
 from sessions_sql.models import Base
 
@@ -35,6 +37,15 @@ def _schema() -> str | None:
     if schema is None:
         schema = config.get_main_option("schema")
     return schema or None
+
+
+def _citus() -> bool:
+    if config.attributes.get("citus"):
+        return True
+    flag = context.get_x_argument(as_dictionary=True).get("citus")
+    if flag is None:
+        flag = config.get_main_option("citus")
+    return (flag or "").lower() in ("1", "true", "yes", "on")
 
 
 def _url() -> str:
@@ -76,6 +87,8 @@ def run_on(connection: Connection) -> None:
             context.run_migrations()
         if connection.in_transaction():
             connection.commit()
+        if _citus():
+            distribute_on_citus(connection, schema)
 
 
 async def _run_async(url: str) -> None:
