@@ -292,7 +292,7 @@ def test_set_get_show_rm(cli: Any, db_url: str) -> None:
     assert SECRET_ID not in error
 
     assert cli("rm", SECRET_ID, "blob", url=db_url) == Result(0, b"", "")
-    assert sql(db_url, "SELECT key FROM session_values") == [("empty",)]
+    assert sql(db_url, "SELECT session_values.key FROM session_values") == [("empty",)]
     assert session_ids(db_url) == {SECRET_ID}
 
     assert cli("rm", SECRET_ID, url=db_url) == Result(0, b"", "")
