@@ -37,9 +37,19 @@ from sessions_sql import SQLAlchemyBackend, migrate
 from sessions_sql._backend import DEFAULT_BATCH_SIZE
 
 from ._bots import bench_bots, bots_target, format_bots
-from ._db import Admin, PostgresAdmin, SQLiteAdmin, asyncpg_dsn, ensure_database, sqlalchemy_url
+from ._db import (
+    Admin,
+    MariaDBAdmin,
+    PostgresAdmin,
+    SQLiteAdmin,
+    asyncpg_dsn,
+    ensure_database,
+    ensure_mysql_database,
+    mysql_url,
+    sqlalchemy_url,
+)
 from ._gc import KINDS, run_gc
-from ._raw import RawPostgres, RawSQLite, Store
+from ._raw import RawMariaDB, RawPostgres, RawSQLite, Store
 from ._report import OpResult, format_table, format_targets, targets
 from ._web import format_web, run_web, web_targets
 from ._workload import OPERATIONS, Sample, Workload, run_round
@@ -50,7 +60,11 @@ PG_URL_ENV = "SESSIONS_SQL_BENCH_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1/sessions_sql_bench"
 REDIS_URL_ENV = "SESSIONS_SQL_BENCH_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DATABASES = ("postgresql", "sqlite")
+MYSQL_URL_ENV = "SESSIONS_SQL_BENCH_MYSQL_URL"
+DEFAULT_MYSQL_URL = (
+    "mysql+asyncmy://root@localhost/sessions_sql_bench?unix_socket=/run/mysqld/mysqld.sock"
+)
+DATABASES = ("postgresql", "sqlite", "mariadb")
 MODES = ("serial", "concurrent")
 PARTS = ("ops", "gc", "listing", "web", "bots")
 
@@ -113,7 +127,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--db",
         type=_csv(DATABASES),
         default=list(DATABASES),
-        help="databases to run on (default: postgresql,sqlite)",
+        help="databases to run on (default: postgresql,sqlite,mariadb)",
+    )
+    p.add_argument(
+        "--mysql-url",
+        default=os.environ.get(MYSQL_URL_ENV, DEFAULT_MYSQL_URL),
+        help=f"MariaDB/MySQL URL (default: ${MYSQL_URL_ENV} or {DEFAULT_MYSQL_URL}); the "
+        "database is created if missing and its sessions tables are emptied",
     )
     p.add_argument(
         "--pg-url",
@@ -371,6 +391,17 @@ async def open_sqlite(args: argparse.Namespace, directory: str) -> Target:
     return Target("sqlite", sa_url, raw, sql, admin, raw.close)
 
 
+async def open_mariadb(args: argparse.Namespace) -> Target:
+    sa_url = mysql_url(args.mysql_url)
+    await ensure_mysql_database(sa_url)
+    await migrate(sa_url)
+    # The raw baseline keeps its connections in autocommit, as a from_url backend keeps its.
+    raw = await RawMariaDB.connect(sa_url, args.pool_size)
+    sql = SQLAlchemyBackend.from_url(sa_url, pool_size=args.pool_size, max_overflow=0)
+    admin = await MariaDBAdmin.connect(sa_url)
+    return Target("mariadb", sa_url, raw, sql, admin, raw.close)
+
+
 async def check_equivalence(t: Target, w: Workload) -> None:
     """The raw stores must answer exactly as sessions_sql does (same SQL, same data)."""
     raw, sql = t.raw, t.sql
@@ -597,9 +628,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     database_parts = {"ops", "gc", "listing"} & set(args.parts)
     with tempfile.TemporaryDirectory(prefix="sessions_sql_bench_") as directory:
         for db in args.db if database_parts else ():
-            t = await (
-                open_postgresql(args) if db == "postgresql" else open_sqlite(args, directory)
-            )
+            if db == "postgresql":
+                t = await open_postgresql(args)
+            elif db == "mariadb":
+                t = await open_mariadb(args)
+            else:
+                t = await open_sqlite(args, directory)
             try:
                 if isinstance(t.admin, PostgresAdmin):
                     server_version = await t.admin.server_version()
@@ -610,7 +644,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if db == "postgresql" and "gc" in args.parts and args.gc_sessions > 0:
                     for kind in args.gc_kinds:
                         gcs[kind] = await bench_gc(t, args, w, kind)
-                if "listing" in args.parts and args.listing_sessions > 0:
+                if "listing" in args.parts and args.listing_sessions > 0 and db != "mariadb":
                     log(f"{db}: listing {args.listing_sessions:,} sessions")
                     for attempt in range(1, ATTEMPTS + 1):
                         try:
