@@ -147,9 +147,9 @@ class SQLAlchemyBackend:
         error messages, and on PostgreSQL ``pool_use_lifo=True`` reuses the most recently used
         connection (its server process is the one whose caches are warm; spare connections
         can time out). A SQLite file database is switched to WAL mode so that readers do not
-        wait for writers. On asyncpg and aiosqlite, with the default pool, the backend keeps up
-        to ``pool_size`` connections checked out between calls: a call then costs no pool
-        checkout.
+        wait for writers. On asyncpg, psycopg, asyncmy and aiosqlite, with the default pool, the
+        backend keeps up to ``pool_size`` connections checked out between calls: a call then
+        costs no pool checkout.
         """
         url = make_url(url)
         check_driver(url.get_driver_name())
