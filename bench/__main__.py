@@ -64,7 +64,7 @@ MYSQL_URL_ENV = "SESSIONS_SQL_BENCH_MYSQL_URL"
 DEFAULT_MYSQL_URL = (
     "mysql+asyncmy://root@localhost/sessions_sql_bench?unix_socket=/run/mysqld/mysqld.sock"
 )
-DATABASES = ("postgresql", "sqlite", "mariadb")
+DATABASES = ("postgresql", "psycopg", "sqlite", "mariadb")
 MODES = ("serial", "concurrent")
 PARTS = ("ops", "gc", "listing", "web", "bots")
 
@@ -127,7 +127,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--db",
         type=_csv(DATABASES),
         default=list(DATABASES),
-        help="databases to run on (default: postgresql,sqlite,mariadb)",
+        help="databases to run on: postgresql (asyncpg), psycopg (PostgreSQL through psycopg 3), "
+        "sqlite, mariadb (asyncmy) (default: all)",
     )
     p.add_argument(
         "--mysql-url",
@@ -359,13 +360,21 @@ class Target:
         await self.sql.engine.dispose()
 
 
-async def open_postgresql(args: argparse.Namespace) -> Target:
+async def open_postgresql(args: argparse.Namespace, db: str) -> Target:
+    """PostgreSQL through asyncpg (``db`` "postgresql") or psycopg 3 ("psycopg"), each against
+    its own raw driver: a pool of ``pool_size`` connections, and one dedicated connection for
+    the serial rounds."""
     if await ensure_database(args.pg_url):
         log(f"created database {args.pg_url}")
-    sa_url = sqlalchemy_url(args.pg_url)
+    sa_url = sqlalchemy_url(args.pg_url, "asyncpg" if db == "postgresql" else db)
     await migrate(sa_url)
-    raw = await RawPostgres.connect(asyncpg_dsn(args.pg_url), args.pool_size)
-    dedicated = await RawPostgres.dedicated(asyncpg_dsn(args.pg_url))
+    dsn = asyncpg_dsn(args.pg_url)
+    if db == "postgresql":
+        raw = await RawPostgres.connect(dsn, args.pool_size)
+        dedicated = await RawPostgres.dedicated(dsn)
+    else:
+        raw = await RawPostgres.psycopg(dsn, args.pool_size)
+        dedicated = await RawPostgres.psycopg(dsn, 1)
     sql = SQLAlchemyBackend.from_url(sa_url, pool_size=args.pool_size, max_overflow=0)
     admin = await PostgresAdmin.connect(args.pg_url)
 
@@ -373,7 +382,7 @@ async def open_postgresql(args: argparse.Namespace) -> Target:
         await raw.close()
         await dedicated.close()
 
-    return Target("postgresql", sa_url, raw, sql, admin, close_raw, args.pg_url, dedicated)
+    return Target(db, sa_url, raw, sql, admin, close_raw, args.pg_url, dedicated)
 
 
 async def open_sqlite(args: argparse.Namespace, directory: str) -> Target:
@@ -628,12 +637,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     database_parts = {"ops", "gc", "listing"} & set(args.parts)
     with tempfile.TemporaryDirectory(prefix="sessions_sql_bench_") as directory:
         for db in args.db if database_parts else ():
-            if db == "postgresql":
-                t = await open_postgresql(args)
+            if db == "sqlite":
+                t = await open_sqlite(args, directory)
             elif db == "mariadb":
                 t = await open_mariadb(args)
             else:
-                t = await open_sqlite(args, directory)
+                t = await open_postgresql(args, db)
             try:
                 if isinstance(t.admin, PostgresAdmin):
                     server_version = await t.admin.server_version()
@@ -644,7 +653,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if db == "postgresql" and "gc" in args.parts and args.gc_sessions > 0:
                     for kind in args.gc_kinds:
                         gcs[kind] = await bench_gc(t, args, w, kind)
-                if "listing" in args.parts and args.listing_sessions > 0 and db != "mariadb":
+                listed = db in ("postgresql", "sqlite")  # psycopg: the same server as asyncpg
+                if "listing" in args.parts and listed and args.listing_sessions > 0:
                     log(f"{db}: listing {args.listing_sessions:,} sessions")
                     for attempt in range(1, ATTEMPTS + 1):
                         try:

@@ -37,9 +37,9 @@ def _postgres_url(url: str) -> URL:
     return parsed
 
 
-def sqlalchemy_url(url: str) -> str:
-    """The URL with the asyncpg driver, for ``SQLAlchemyBackend.from_url``."""
-    return _postgres_url(url).set(drivername="postgresql+asyncpg").render_as_string(False)
+def sqlalchemy_url(url: str, driver: str = "asyncpg") -> str:
+    """The URL with the asyncpg (or another) driver, for ``SQLAlchemyBackend.from_url``."""
+    return _postgres_url(url).set(drivername=f"postgresql+{driver}").render_as_string(False)
 
 
 def asyncpg_dsn(url: str, database: str | None = None) -> str:

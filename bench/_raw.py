@@ -6,7 +6,10 @@ backend runs it, with nothing else around it:
 * :class:`RawPostgres`: an asyncpg pool; every operation is a single statement in autocommit
   (no explicit transaction), through asyncpg's per-connection prepared-statement cache. The
   pool's reset-on-release query is disabled (``reset=``), because SQLAlchemy sends nothing on
-  check-in either; asyncpg's default would add a round trip to every operation.
+  check-in either; asyncpg's default would add a round trip to every operation. The same
+  class runs on psycopg 3 (:meth:`RawPostgres.psycopg`): a LIFO list of psycopg connections
+  in autocommit, with psycopg's default ``prepare_threshold`` (as SQLAlchemy leaves it), one
+  ``execute`` per operation.
 * :class:`RawSQLite`: a pool of aiosqlite connections (one per task slot) in autocommit
   (``isolation_level=None``) and WAL mode; single statements run alone, multi-statement writes
   between ``BEGIN IMMEDIATE`` and ``COMMIT``. Each statement is one hop to the connection's
@@ -25,17 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import aiosqlite
 import asyncmy  # type: ignore[import-untyped]
 import asyncpg  # type: ignore[import-untyped]
+import psycopg
 
 from sessions_sql import SessionSnapshot
 
-from ._sql import MYSQL, PG, SQLITE
+from ._sql import MYSQL, PG, POSITIONS, PSYCOPG, SQLITE, PostgresSQL
 
 __all__ = ["RawMariaDB", "RawPostgres", "RawSQLite", "Store", "open_asyncmy"]
 
@@ -82,70 +87,126 @@ async def _no_reset(connection: asyncpg.Connection) -> None:
     """Pool reset hook that sends nothing (asyncpg still rolls back an open transaction)."""
 
 
-class RawPostgres:
-    """The operations on a bare asyncpg pool, or on one dedicated asyncpg connection (the
-    limit for a serial caller: no pool at all)."""
+class _PsycopgConnections:
+    """psycopg connections in autocommit behind asyncpg's ``fetch``/``fetchval``/``execute``
+    calls, handed out most recently used first (as SQLAlchemy's LIFO pool would)."""
 
-    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, dsn: str) -> None:
-        self._pool = pool  # a connection has the same fetch/fetchval/execute calls
-        self._dsn = dsn
+    def __init__(self, connections: list[psycopg.AsyncConnection[Any]]) -> None:
+        self._connections = connections
+        self._free: asyncio.LifoQueue[psycopg.AsyncConnection[Any]] = asyncio.LifoQueue()
+        for conn in connections:
+            self._free.put_nowait(conn)
+
+    @classmethod
+    async def connect(cls, dsn: str, size: int) -> _PsycopgConnections:
+        return cls(
+            [await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(size)]
+        )
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        conn = await self._free.get()
+        try:
+            cursor = await conn.execute(sql, [args[i] for i in POSITIONS[sql]])
+            return await cursor.fetchall() if cursor.description is not None else []
+        finally:
+            self._free.put_nowait(conn)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        rows = await self.fetch(sql, *args)
+        return rows[0][0] if rows else None
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        await self.fetch(sql, *args)
+
+    async def close(self) -> None:
+        for conn in self._connections:
+            await conn.close()
+
+
+class RawPostgres:
+    """The operations on a bare asyncpg pool, on one dedicated asyncpg connection (the limit
+    for a serial caller: no pool at all), or on psycopg connections."""
+
+    def __init__(
+        self, open: Callable[[], Awaitable[Any]], pool: Any, sql: PostgresSQL = PG
+    ) -> None:
+        self._open = open
+        self._pool = pool  # fetch/fetchval/execute(sql, *args) and close()
+        self._sql = sql
 
     @classmethod
     async def connect(cls, dsn: str, size: int) -> RawPostgres:
-        pool = await asyncpg.create_pool(dsn, min_size=size, max_size=size, reset=_no_reset)
-        return cls(pool, dsn)
+        async def open() -> Any:
+            return await asyncpg.create_pool(dsn, min_size=size, max_size=size, reset=_no_reset)
+
+        return cls(open, await open())
 
     @classmethod
     async def dedicated(cls, dsn: str) -> RawPostgres:
-        return cls(await asyncpg.connect(dsn), dsn)
+        async def open() -> Any:
+            return await asyncpg.connect(dsn)
+
+        return cls(open, await open())
+
+    @classmethod
+    async def psycopg(cls, dsn: str, size: int) -> RawPostgres:
+        async def open() -> Any:
+            return await _PsycopgConnections.connect(dsn, size)
+
+        return cls(open, await open(), PSYCOPG)
 
     async def close(self) -> None:
         await self._pool.close()
 
     async def expire(self) -> None:
-        """Replace every pooled connection on its next use, or the dedicated connection now
-        (after a server restart)."""
-        if isinstance(self._pool, asyncpg.Pool):
-            await self._pool.expire_connections()
-        else:
-            self._pool.terminate()
-            self._pool = await asyncpg.connect(self._dsn)
+        """Replace every connection (after a server restart)."""
+        with contextlib.suppress(Exception):  # they are probably gone already
+            await asyncio.wait_for(self._pool.close(), 5)
+        self._pool = await self._open()
 
     async def get_session_age(self, session_id: str) -> int | None:
-        created_at: datetime | None = await self._pool.fetchval(PG.get_session_age, session_id)
+        created_at: datetime | None = await self._pool.fetchval(
+            self._sql.get_session_age, session_id
+        )
         return None if created_at is None else calendar.timegm(created_at.utctimetuple())
 
     async def remove_session(self, session_id: str) -> None:
-        await self._pool.execute(PG.remove_session, session_id)
+        await self._pool.execute(self._sql.remove_session, session_id)
 
     async def read_value(self, session_id: str, key: str) -> bytes | None:
-        value: bytes | None = await self._pool.fetchval(PG.read_value, session_id, key)
+        value: bytes | None = await self._pool.fetchval(self._sql.read_value, session_id, key)
         return value
 
     async def write_value(self, session_id: str, key: str, value: bytes) -> None:
-        await self._pool.execute(PG.write_value, session_id, None, False, key, value)
+        await self._pool.execute(self._sql.write_value, session_id, None, False, key, value)
 
     async def remove_value(self, session_id: str, key: str) -> None:
-        await self._pool.execute(PG.remove_value, session_id, key)
+        await self._pool.execute(self._sql.remove_value, session_id, key)
 
     async def read_values(self, session_id: str) -> dict[str, bytes]:
-        rows = await self._pool.fetch(PG.read_values, session_id)
+        rows = await self._pool.fetch(self._sql.read_values, session_id)
         return {row[0]: row[1] for row in rows}
 
     async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None:
         await self._pool.execute(
-            PG.update_session, session_id, None, list(values), False, [], list(values.values())
+            self._sql.update_session,
+            session_id,
+            None,
+            list(values),
+            False,
+            [],
+            list(values.values()),
         )
 
     async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
-        await self._pool.execute(PG.remove_values, session_id, list(keys))
+        await self._pool.execute(self._sql.remove_values, session_id, list(keys))
 
     async def read_session(self, session_id: str) -> SessionSnapshot | None:
-        rows = await self._pool.fetch(PG.read_session, session_id)
+        rows = await self._pool.fetch(self._sql.read_session, session_id)
         return _snapshot(rows, _seconds, _seconds)
 
     async def set_session_expiry(self, session_id: str, expires_at: int | None) -> None:
-        await self._pool.execute(PG.set_session_expiry, _moment(expires_at), session_id)
+        await self._pool.execute(self._sql.set_session_expiry, _moment(expires_at), session_id)
 
     async def update_session(
         self,
@@ -156,7 +217,7 @@ class RawPostgres:
         expires_at: int | None,
     ) -> None:
         await self._pool.execute(
-            PG.update_session,
+            self._sql.update_session,
             session_id,
             _moment(expires_at),
             list(values),

@@ -13,6 +13,7 @@ from typing import cast
 
 from sqlalchemy.dialects.mysql.asyncmy import MySQLDialect_asyncmy
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 from sqlalchemy.engine.interfaces import Dialect as SADialect
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -20,7 +21,21 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from sessions_sql._dialects import Many, Script, dialect_for
 
-__all__ = ["MYSQL", "PG", "SQLITE", "MySQLSQL", "PostgresSQL", "SQLiteSQL"]
+__all__ = [
+    "MYSQL",
+    "PG",
+    "POSITIONS",
+    "PSYCOPG",
+    "SQLITE",
+    "MySQLSQL",
+    "PostgresSQL",
+    "SQLiteSQL",
+]
+
+
+#: For each statement text, which of the parameters (in the order the fields below list them)
+#: each placeholder takes.
+POSITIONS: dict[str, tuple[int, ...]] = {}
 
 
 def _compile(script: Script, dialect: SADialect, *expected: tuple[str, ...]) -> tuple[str, ...]:
@@ -32,9 +47,12 @@ def _compile(script: Script, dialect: SADialect, *expected: tuple[str, ...]) -> 
         statement = item.statement if isinstance(item, Many) else item
         compiled = cast(SQLCompiler, cast(ClauseElement, statement).compile(dialect=dialect))
         got = tuple(compiled.positiontup or ())
-        if got != names:
+        if tuple(dict.fromkeys(got)) != names:
             raise RuntimeError(f"statement parameters changed: {got} != {names}: {compiled}")
         texts.append(str(compiled))
+        # A paramstyle without numbered placeholders (psycopg's %s) repeats a parameter
+        # wherever it is used.
+        POSITIONS[str(compiled)] = tuple(names.index(name) for name in got)
     return tuple(texts)
 
 
@@ -82,9 +100,8 @@ class SQLiteSQL:
     set_session_expiry: str  # ? expires_at, ? sid
 
 
-def _postgres() -> PostgresSQL:
+def _postgres(dialect: SADialect) -> PostgresSQL:
     d = dialect_for("postgresql")
-    dialect = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
     return PostgresSQL(
         get_session_age=_one(d.get_session_age, dialect, "sid"),
         remove_session=_one(d.remove_session, dialect, "sid"),
@@ -181,6 +198,8 @@ def _mysql() -> MySQLSQL:
 
 
 #: The statements of each database, as text with positional parameters.
-PG = _postgres()
+PG = _postgres(PGDialect_asyncpg())  # type: ignore[no-untyped-call]
+#: psycopg with the positional %s placeholders sessions_sql's psycopg path compiles for.
+PSYCOPG = _postgres(PGDialect_psycopg(paramstyle="format"))  # type: ignore[no-untyped-call]
 SQLITE = _sqlite()
 MYSQL = _mysql()

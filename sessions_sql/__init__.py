@@ -21,7 +21,7 @@ from ._protocol import (
     SessionsSQLError,
     check_extension,
 )
-from ._session import Session, SessionCollector, SessionManager
+from ._session import Session, SessionCollector, SessionManager, decode_value, encode_value
 
 __all__ = [
     "KEEP",
@@ -40,6 +40,8 @@ __all__ = [
     "SessionSnapshot",
     "SessionsSQLError",
     "check_extension",
+    "decode_value",
+    "encode_value",
     "include_name",
     "migrate",
 ]

@@ -31,7 +31,14 @@ from ._protocol import (
     created_before_cutoff,
 )
 
-__all__ = ["Clock", "Session", "SessionCollector", "SessionManager"]
+__all__ = [
+    "Clock",
+    "Session",
+    "SessionCollector",
+    "SessionManager",
+    "decode_value",
+    "encode_value",
+]
 
 logger = logging.getLogger("sessions_sql")
 
@@ -45,7 +52,10 @@ _FORMAT_ERROR = (
 )
 
 
-def _encode(expires_at: int | None, value: Any) -> bytes:
+def encode_value(value: Any, expires_at: int | None = None) -> bytes:
+    """``value`` in the session value format (JSON ``{"expires_at": ..., "value": ...}``,
+    UTF-8), as :class:`Session` and the web and bot adapters store it; ``expires_at`` in
+    Unix seconds, or ``None``. Raises TypeError if ``value`` is not JSON-serialisable."""
     try:
         text = json.dumps(
             {"expires_at": expires_at, "value": value},
@@ -58,8 +68,9 @@ def _encode(expires_at: int | None, value: Any) -> bytes:
     return text.encode("utf-8")
 
 
-def _decode(data: bytes) -> tuple[int | None, Any]:
-    """Return ``(expires_at, value)`` of stored bytes, or raise SessionError."""
+def decode_value(data: bytes) -> tuple[int | None, Any]:
+    """``(expires_at, value)`` of bytes in the session value format (see
+    :func:`encode_value`); raises SessionError for bytes in any other format."""
     try:
         stored = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -113,7 +124,7 @@ class Session:
 
     async def _read(self, key: str) -> tuple[int | None, Any] | None:
         data = await _call("reading a value", self._backend.read_value(self._id, key))
-        return None if data is None else _decode(data)
+        return None if data is None else decode_value(data)
 
     async def get(self, key: str, default: Any = None) -> Any:
         """Return the value under ``key``, or ``default`` if it is missing or expired."""
@@ -128,14 +139,14 @@ class Session:
     async def set(self, key: str, value: Any) -> None:
         """Store ``value`` under ``key``, keeping the key's expiry if it has an unexpired one."""
         check_key(key)
-        _encode(None, value)  # refuse what cannot be stored before reading anything
+        encode_value(value, None)  # refuse what cannot be stored before reading anything
         stored = await self._read(key)
         expires_at = None
         if stored is not None and stored[0] is not None and stored[0] >= self._now():
             expires_at = stored[0]
         await _call(
             "writing a value",
-            self._backend.write_value(self._id, key, _encode(expires_at, value)),
+            self._backend.write_value(self._id, key, encode_value(value, expires_at)),
         )
 
     async def expire(self, key: str, seconds: int) -> None:
@@ -149,7 +160,7 @@ class Session:
         stored = await self._read(key)
         if stored is None:
             return
-        data = _encode(self._now() + seconds, stored[1])
+        data = encode_value(stored[1], self._now() + seconds)
         await _call("writing a value", self._backend.write_value(self._id, key, data))
 
     async def remove(self, key: str) -> None:

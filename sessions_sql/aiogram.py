@@ -36,10 +36,11 @@ from sessions_sql import (
     KEEP,
     BackendError,
     BatchValues,
-    SessionError,
     SessionExpiry,
     SQLAlchemyBackend,
     check_extension,
+    decode_value,
+    encode_value,
 )
 
 __all__ = ["SQLEventIsolation", "SQLStorage"]
@@ -52,7 +53,6 @@ DATA = "data"
 DATA_PREFIX = "data:"
 
 _MAX_KEY = 255  # the package's longest key
-_FORMAT_ERROR = 'a stored FSM value is not in the session format {"expires_at":...,"value":...}'
 
 
 def _ttl(name: str, ttl: object) -> int | None:
@@ -70,27 +70,10 @@ def _ttl(name: str, ttl: object) -> int | None:
     return seconds
 
 
-def _encode(value: Any, expires_at: int | None) -> bytes:
-    try:
-        text = json.dumps(
-            {"expires_at": expires_at, "value": value},
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-        )
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"FSM data must be JSON-serialisable: {error}") from None
-    return text.encode("utf-8")
-
-
 def _decode(data: bytes, now: int) -> tuple[bool, Any]:
     """``(live, value)`` of a stored value: ``live`` is False once its expiry has passed."""
-    try:
-        stored = json.loads(data)
-        expires_at = stored.get("expires_at")
-        return expires_at is None or expires_at >= now, stored["value"]
-    except (ValueError, AttributeError, KeyError, TypeError):
-        raise SessionError(_FORMAT_ERROR) from None
+    expires_at, value = decode_value(data)
+    return expires_at is None or expires_at >= now, value
 
 
 def _json_name(key: object) -> str:
@@ -114,7 +97,7 @@ def _data_key(key: object) -> str:
 
 
 def _encode_data(data: Mapping[Any, Any]) -> dict[str, bytes]:
-    return {_data_key(key): _encode(value, None) for key, value in data.items()}
+    return {_data_key(key): encode_value(value) for key, value in data.items()}
 
 
 def _state_name(state: StateType) -> str | None:
@@ -221,7 +204,7 @@ class SQLStorage(BaseStorage):
             await self.backend.update_session(sid, remove=[STATE], expires_at=expiry)
             return
         ttl = self.state_ttl
-        value = _encode(name, None if ttl is None else now + ttl)
+        value = encode_value(name, None if ttl is None else now + ttl)
         await self.backend.update_session(sid, {STATE: value}, expires_at=expiry)
 
     async def get_state(self, key: StorageKey) -> str | None:
@@ -248,7 +231,7 @@ class SQLStorage(BaseStorage):
         now = self._now()
         values = _encode_data(data)
         if values and self.data_ttl is not None:
-            values[DATA] = _encode(None, now + self.data_ttl)
+            values[DATA] = encode_value(None, now + self.data_ttl)
         sid = self.key_builder.build(key)
         stored = await self._read(sid, now)
         await self._write(sid, values, stored.names, stored, now)
@@ -276,7 +259,7 @@ class SQLStorage(BaseStorage):
             stored = await self._read(sid, now)
             if values or stored.data:
                 # The data's expiry starts again, as when RedisStorage rewrites the data.
-                values[DATA] = _encode(None, now + self.data_ttl)
+                values[DATA] = encode_value(None, now + self.data_ttl)
             # Expired data goes, as the whole data would; live keys stay as they are.
             await self._write(sid, values, stored.expired, stored, now)
         current = stored.data

@@ -21,11 +21,18 @@ from typing import Any, Literal, NamedTuple
 from starlette.requests import HTTPConnection, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sessions_sql import KEEP, SessionBackend, SessionExpiry, SessionsSQLError, check_extension
+from sessions_sql import (
+    KEEP,
+    SessionBackend,
+    SessionExpiry,
+    SessionsSQLError,
+    check_extension,
+    decode_value,
+    encode_value,
+)
 
 # The value format of sessions_sql.Session, so that SessionManager reads what a request stored.
 # It should be public API; until it is, it is imported from where it lives.
-from sessions_sql._session import _decode, _encode
 
 __all__ = ["SessionData", "SessionMiddleware", "regenerate_session"]
 
@@ -276,7 +283,7 @@ class _Exchange:
         self.session_id, self.created_at = cookie, snapshot.created_at
         self.expires_at = snapshot.expires_at
         for key, data in snapshot.values.items():
-            key_expiry, value = _decode(data)
+            key_expiry, value = decode_value(data)
             if key_expiry is None or key_expiry >= now:
                 self.loaded[key] = _Stored(key_expiry, data, value)
         self.session.update({key: stored.value for key, stored in self.loaded.items()})
@@ -289,9 +296,9 @@ class _Exchange:
         for key, value in self.session.items():
             stored = loaded.get(key)
             if stored is None:
-                changed[key] = _encode(None, value)
+                changed[key] = encode_value(value)
             elif not (value is stored.value and isinstance(value, _IMMUTABLE)):
-                data = _encode(stored.expires_at, value)
+                data = encode_value(value, stored.expires_at)
                 if data != stored.data:
                     changed[key] = data
         return changed

@@ -36,12 +36,12 @@ from sqlalchemy.pool import NullPool
 
 from sessions_sql import BackendError, SQLAlchemyBackend, migrate
 
-from .conftest import guard, now, with_driver
+from .conftest import HANG_GUARD, guard, now, with_driver
 
 if TYPE_CHECKING:
     from .conftest import PostgresServer
 
-HANG_GUARD = 30.0  # seconds; only ever reached by a hang
+
 LOAD_TASKS = 16
 
 

@@ -22,8 +22,11 @@ from sessions_sql import (
     SessionError,
     SessionManager,
     SQLAlchemyBackend,
+    decode_value,
+    encode_value,
 )
 
+from .conftest import guard
 from .pgproxy import counting_round_trips
 
 
@@ -95,6 +98,21 @@ async def test_stored_format_matches_the_original(any_backend: SessionBackend) -
     assert await any_backend.read_value("s", "k") == (
         b'{"expires_at":1700000060,"value":{"a":"\xc3\xbc","b":[1,2]}}'
     )
+
+
+async def test_the_value_format_is_public(any_backend: SessionBackend) -> None:
+    session = SessionManager(any_backend, clock=FakeClock(1000)).get_session("s")
+    await session.set("k", ["ü", 1])
+    await session.expire("k", 60)
+    stored = await any_backend.read_value("s", "k")
+    assert stored == encode_value(["ü", 1], 1060)
+    assert decode_value(stored) == (1060, ["ü", 1])
+    await any_backend.write_value("s", "mine", encode_value({"a": None}))
+    assert await session.get("mine") == {"a": None}
+    with pytest.raises(TypeError, match="JSON"):
+        encode_value(b"bytes")
+    with pytest.raises(SessionError, match="session format"):
+        decode_value(b'{"expires_at":-1,"value":1}')
 
 
 async def test_reads_the_original_format_leniently(any_backend: SessionBackend) -> None:
@@ -429,9 +447,9 @@ async def test_run_collects_until_stopped() -> None:
     await asyncio.sleep(0.05)
     assert not task.done()  # waiting for the next period
     collector.stop()
-    await asyncio.wait_for(task, timeout=10)  # a hang guard, not a speed limit
+    await guard(task, "the stopped collector")
     # A stopped collector's run() returns at once.
-    await asyncio.wait_for(collector.run(), timeout=10)
+    await guard(collector.run(), "a stopped collector's run()")
 
 
 async def test_run_survives_a_failed_pass(
@@ -443,7 +461,7 @@ async def test_run_survives_a_failed_pass(
         while len([r for r in caplog.records if "collection failed" in r.getMessage()]) < 2:
             await asyncio.sleep(0.01)
         collector.stop()
-        await asyncio.wait_for(task, timeout=10)
+        await guard(task, "the stopped collector")
 
 
 async def test_collector_statements_grow_with_batches_not_sessions(postgres_url: str) -> None:
