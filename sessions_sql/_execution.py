@@ -3,13 +3,13 @@ which transaction, what is retried, and how failures are mapped.
 
 An :class:`Executor` runs the scripts of one ``_dialects.Dialect`` on an engine. On a driver
 with a fast path (``_drivers``: asyncpg, psycopg, aiosqlite, asyncmy) each script is compiled
-once and sent
-with the driver's own calls on a connection checked out of the engine's pool, or kept
-between calls (``_Kept``, engines the backend owns); on any other driver the Core statements
-run through SQLAlchemy on a pooled connection in autocommit. Either way a single statement
-is its own transaction (one round trip; on asyncmy's pooled connections followed by COMMIT),
-a longer script runs between an explicit BEGIN and COMMIT. What may be retried: a stale
-connection, PostgreSQL's foreign-key race, InnoDB's deadlocks and lock wait timeouts. Bound to a host's connection (``using()``), the scripts run on its SQLAlchemy
+once and sent with the driver's own calls on a connection checked out of the engine's pool,
+or kept between calls (``_Kept``, engines the backend owns); on any other driver the Core
+statements run through SQLAlchemy on a pooled connection in autocommit. Either way a single
+statement is its own transaction (one round trip; on asyncmy's pooled connections followed
+by COMMIT), a longer script runs between an explicit BEGIN and COMMIT. What may be retried:
+a stale connection, PostgreSQL's foreign-key race, InnoDB's deadlocks and lock wait
+timeouts. Bound to a host's connection (``using()``), the scripts run on its SQLAlchemy
 connection, in its transaction, instead. Database errors become :class:`BackendError` with
 the driver's exception chained.
 """
