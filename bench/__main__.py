@@ -39,15 +39,18 @@ from sessions_sql._backend import DEFAULT_BATCH_SIZE
 from ._bots import bench_bots, bots_target, format_bots
 from ._db import (
     Admin,
+    MariaDBAdmin,
     PairAdmin,
     PostgresAdmin,
     SQLiteAdmin,
     asyncpg_dsn,
     ensure_database,
+    ensure_mysql_database,
+    mysql_url,
     sqlalchemy_url,
 )
 from ._gc import KINDS, run_gc
-from ._raw import RawPostgres, RawSQLite, Store
+from ._raw import RawMariaDB, RawPostgres, RawSQLite, Store
 from ._report import OpResult, citus_targets, format_table, format_targets, targets
 from ._web import format_web, run_web, web_targets
 from ._workload import OPERATIONS, Sample, Workload, run_round
@@ -58,7 +61,11 @@ PG_URL_ENV = "SESSIONS_SQL_BENCH_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1/sessions_sql_bench"
 REDIS_URL_ENV = "SESSIONS_SQL_BENCH_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DATABASES = ("postgresql", "psycopg", "sqlite", "citus")
+MYSQL_URL_ENV = "SESSIONS_SQL_BENCH_MYSQL_URL"
+DEFAULT_MYSQL_URL = (
+    "mysql+asyncmy://root@localhost/sessions_sql_bench?unix_socket=/run/mysqld/mysqld.sock"
+)
+DATABASES = ("postgresql", "psycopg", "sqlite", "mariadb", "citus")
 #: A Citus coordinator (its workers added): ``--db citus`` runs the operations and the GC there
 #: side by side with plain PostgreSQL (--pg-url) instead of the raw driver.
 CITUS_URL_ENV = "SESSIONS_SQL_BENCH_CITUS_URL"
@@ -124,16 +131,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--db",
         type=_csv(DATABASES),
-        default=["postgresql", "psycopg", "sqlite"],
+        default=["postgresql", "psycopg", "sqlite", "mariadb"],
         help="databases to run on: postgresql (asyncpg), psycopg (PostgreSQL through psycopg 3), "
-        "sqlite (default: these three); citus compares sessions_sql on a Citus cluster with "
-        "sessions_sql on plain PostgreSQL",
+        "sqlite, mariadb (asyncmy) (default: these four); citus compares sessions_sql on a "
+        "Citus cluster with sessions_sql on plain PostgreSQL",
     )
     p.add_argument(
         "--citus-url",
         default=os.environ.get(CITUS_URL_ENV, DEFAULT_CITUS_URL),
         help=f"Citus coordinator URL (default: ${CITUS_URL_ENV} or {DEFAULT_CITUS_URL}); "
         "migrated with citus=True, its sessions tables are emptied",
+    )
+    p.add_argument(
+        "--mysql-url",
+        default=os.environ.get(MYSQL_URL_ENV, DEFAULT_MYSQL_URL),
+        help=f"MariaDB/MySQL URL (default: ${MYSQL_URL_ENV} or {DEFAULT_MYSQL_URL}); the "
+        "database is created if missing and its sessions tables are emptied",
     )
     p.add_argument(
         "--pg-url",
@@ -459,6 +472,17 @@ async def check_same_answers(t: Target, w: Workload) -> None:
     await t.admin.cleanup("eq")
 
 
+async def open_mariadb(args: argparse.Namespace) -> Target:
+    sa_url = mysql_url(args.mysql_url)
+    await ensure_mysql_database(sa_url)
+    await migrate(sa_url)
+    # The raw baseline keeps its connections in autocommit, as a from_url backend keeps its.
+    raw = await RawMariaDB.connect(sa_url, args.pool_size)
+    sql = SQLAlchemyBackend.from_url(sa_url, pool_size=args.pool_size, max_overflow=0)
+    admin = await MariaDBAdmin.connect(sa_url)
+    return Target("mariadb", sa_url, raw, sql, admin, raw.close)
+
+
 async def check_equivalence(t: Target, w: Workload) -> None:
     """The raw stores must answer exactly as sessions_sql does (same SQL, same data)."""
     raw, sql = t.raw, t.sql
@@ -705,6 +729,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for db in [db for db in args.db if db != "citus"] if database_parts else ():
             if db == "sqlite":
                 t = await open_sqlite(args, directory)
+            elif db == "mariadb":
+                t = await open_mariadb(args)
             else:
                 t = await open_postgresql(args, db)
             try:

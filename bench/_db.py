@@ -7,16 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiosqlite
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import URL, make_url
 
-from ._raw import open_sqlite
+from ._raw import open_asyncmy, open_sqlite
 
 __all__ = [
     "Admin",
+    "MariaDBAdmin",
     "PairAdmin",
     "PostgresAdmin",
     "Row",
@@ -216,3 +217,78 @@ class SQLiteAdmin:
 
     async def close(self) -> None:
         await self.conn.close()
+
+
+def mysql_url(url: str) -> str:
+    """The URL with the asyncmy driver, for ``SQLAlchemyBackend.from_url``."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() not in ("mysql", "mariadb"):
+        raise ValueError(f"not a MariaDB/MySQL URL: {parsed.render_as_string()}")
+    return parsed.set(drivername="mysql+asyncmy").render_as_string(False)
+
+
+async def ensure_mysql_database(url: str) -> None:
+    """Create the URL's database if it does not exist."""
+    parsed = make_url(url)
+    name = parsed.database
+    if not name:
+        raise ValueError("the MariaDB URL names no database")
+    conn = await open_asyncmy(parsed.set(database="").render_as_string(False))
+    try:
+        async with conn.cursor() as cursor:
+            await cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{name}`")
+    finally:
+        conn.close()
+
+
+@dataclass
+class MariaDBAdmin:
+    conn: Any
+
+    @classmethod
+    async def connect(cls, url: str) -> MariaDBAdmin:
+        return cls(await open_asyncmy(url))
+
+    async def _run(self, sql: str, args: Any = None, many: bool = False) -> None:
+        async with self.conn.cursor() as cursor:
+            if many:
+                await cursor.executemany(sql, args)
+            else:
+                await cursor.execute(sql, args)
+
+    async def server_version(self) -> str:
+        async with self.conn.cursor() as cursor:
+            await cursor.execute("SELECT VERSION()")
+            ((version,),) = await cursor.fetchall()
+            return str(version)
+
+    async def truncate(self) -> None:
+        await self._run("DELETE FROM sessions")  # values go by the cascade
+
+    async def put(self, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        await self._run("START TRANSACTION")
+        await self._run(
+            "INSERT INTO sessions (id) VALUES (%s) ON DUPLICATE KEY UPDATE id = id",
+            [(sid,) for sid in dict.fromkeys(r[0] for r in rows)],
+            many=True,
+        )
+        await self._run(
+            "INSERT INTO session_values (session_id, `key`, value) VALUES (%s, %s, %s) "
+            "ON DUPLICATE KEY UPDATE value = VALUES(value)",
+            list(rows),
+            many=True,
+        )
+        await self._run("COMMIT")
+
+    async def cleanup(self, prefix: str) -> None:
+        pattern = prefix + "-%"
+        await self._run("DELETE FROM session_values WHERE `key` LIKE %s", (pattern,))
+        await self._run("DELETE FROM sessions WHERE id LIKE %s", (pattern,))
+
+    async def maintain(self) -> None:
+        await self._run("ANALYZE TABLE sessions, session_values")
+
+    async def close(self) -> None:
+        self.conn.close()

@@ -15,7 +15,12 @@ backend runs it, with nothing else around it:
   between ``BEGIN IMMEDIATE`` and ``COMMIT``. Each statement is one hop to the connection's
   thread (``execute_fetchall``, or ``executemany`` for the batch writes).
 
-Both return what the backend returns (``int`` timestamps, ``dict`` of values), so that the
+* :class:`RawMariaDB`: a LIFO free list of asyncmy connections in autocommit, as a
+  ``from_url`` backend keeps them; single statements run alone, writes of several statements
+  between ``START TRANSACTION`` and ``COMMIT`` (a list of rows: ``executemany``, one row:
+  ``execute``, as the backend sends them).
+
+All return what the backend returns (``int`` timestamps, ``dict`` of values), so that the
 conversion work is the same on both sides.
 """
 
@@ -29,14 +34,15 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import aiosqlite
+import asyncmy  # type: ignore[import-untyped]
 import asyncpg  # type: ignore[import-untyped]
 import psycopg
 
 from sessions_sql import SessionSnapshot
 
-from ._sql import PG, POSITIONS, PSYCOPG, SQLITE, PostgresSQL
+from ._sql import MYSQL, PG, POSITIONS, PSYCOPG, SQLITE, PostgresSQL
 
-__all__ = ["RawPostgres", "RawSQLite", "Store"]
+__all__ = ["RawMariaDB", "RawPostgres", "RawSQLite", "Store", "open_asyncmy"]
 
 
 class Store(Protocol):
@@ -350,3 +356,137 @@ class RawSQLite:
     async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
         rows = [(session_id, key) for key in dict.fromkeys(keys)]
         await self._transaction((SQLITE.remove_value, rows))
+
+
+async def open_asyncmy(url: str) -> Any:
+    """An asyncmy connection in autocommit to a ``mysql+asyncmy://`` URL's database."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return await asyncmy.connect(
+        user=parsed.username or "root",
+        password=parsed.password or "",
+        host=parsed.host or "localhost",
+        port=parsed.port or 3306,
+        db=parsed.database,
+        unix_socket=parsed.query.get("unix_socket"),
+        autocommit=True,
+    )
+
+
+def _naive_utc(seconds: int | None) -> datetime | None:
+    moment = _moment(seconds)
+    return None if moment is None else moment.replace(tzinfo=None)
+
+
+def _mysql_seconds(moment: datetime | None) -> int | None:
+    # DATETIME(6) in UTC, naive.
+    return None if moment is None else calendar.timegm(moment.utctimetuple())
+
+
+class RawMariaDB:
+    """The operations on a LIFO free list of asyncmy connections managed here."""
+
+    def __init__(self, connections: list[Any]) -> None:
+        self._connections = connections
+        self._free: asyncio.LifoQueue[Any] = asyncio.LifoQueue()
+        for conn in connections:
+            self._free.put_nowait(conn)
+
+    @classmethod
+    async def connect(cls, url: str, size: int) -> RawMariaDB:
+        return cls([await open_asyncmy(url) for _ in range(size)])
+
+    async def close(self) -> None:
+        for conn in self._connections:
+            await conn.ensure_closed()
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        conn = await self._free.get()
+        try:
+            async with conn.cursor() as cursor:
+                await cursor.execute(sql, params)
+                return list(await cursor.fetchall())
+        finally:
+            self._free.put_nowait(conn)
+
+    async def _transaction(self, *steps: tuple[str, Any]) -> None:
+        """Run ``(sql, parameters)`` steps between START TRANSACTION and COMMIT; a list of
+        parameter tuples runs with executemany (one tuple: execute)."""
+        conn = await self._free.get()
+        try:
+            async with conn.cursor() as cursor:
+                await cursor.execute(MYSQL.begin)
+                try:
+                    for sql, parameters in steps:
+                        if isinstance(parameters, list):
+                            if len(parameters) == 1:
+                                await cursor.execute(sql, parameters[0])
+                            elif parameters:
+                                await cursor.executemany(sql, parameters)
+                        else:
+                            await cursor.execute(sql, parameters)
+                    await cursor.execute("COMMIT")
+                except BaseException:
+                    await cursor.execute("ROLLBACK")
+                    raise
+        finally:
+            self._free.put_nowait(conn)
+
+    async def get_session_age(self, session_id: str) -> int | None:
+        rows = await self._fetch(MYSQL.get_session_age, (session_id,))
+        return _mysql_seconds(rows[0][0]) if rows else None
+
+    async def remove_session(self, session_id: str) -> None:
+        await self._fetch(MYSQL.remove_session, (session_id,))
+
+    async def read_value(self, session_id: str, key: str) -> bytes | None:
+        rows = await self._fetch(MYSQL.read_value, (session_id, key))
+        return rows[0][0] if rows else None
+
+    async def read_values(self, session_id: str) -> dict[str, bytes]:
+        rows = await self._fetch(MYSQL.read_values, (session_id,))
+        return {row[0]: row[1] for row in rows}
+
+    async def remove_value(self, session_id: str, key: str) -> None:
+        await self._fetch(MYSQL.remove_value, (session_id, key))
+
+    async def write_value(self, session_id: str, key: str, value: bytes) -> None:
+        await self._transaction(
+            (MYSQL.session_row, (session_id, None, False)),
+            (MYSQL.upsert_value, (session_id, key, value)),
+        )
+
+    async def write_values(self, session_id: str, values: Mapping[str, bytes]) -> None:
+        await self.update_session(session_id, values, remove=(), expires_at=None, set_expiry=False)
+
+    async def remove_values(self, session_id: str, keys: Iterable[str]) -> None:
+        await self.update_session(session_id, {}, remove=keys, expires_at=None, set_expiry=False)
+
+    async def read_session(self, session_id: str) -> SessionSnapshot | None:
+        rows = await self._fetch(MYSQL.read_session, (session_id,))
+        return _snapshot(rows, _mysql_seconds, _mysql_seconds)
+
+    async def set_session_expiry(self, session_id: str, expires_at: int | None) -> None:
+        await self._fetch(MYSQL.set_session_expiry, (_naive_utc(expires_at), session_id))
+
+    async def update_session(
+        self,
+        session_id: str,
+        values: Mapping[str, bytes],
+        *,
+        remove: Iterable[str],
+        expires_at: int | None,
+        set_expiry: bool = True,
+    ) -> None:
+        """The backend's update_session script: the session row created or locked (its
+        expiry set), then the removed keys and the written values."""
+        expiry = _naive_utc(expires_at)
+        steps: list[tuple[str, Any]] = [
+            (MYSQL.session_row, (session_id, expiry, set_expiry))
+            if values
+            else (MYSQL.lock_session, (set_expiry, expiry, session_id)),
+            (MYSQL.remove_value, [(session_id, key) for key in dict.fromkeys(remove)]),
+            (MYSQL.upsert_value, [(session_id, k, v) for k, v in values.items()]),
+        ]
+        await self._transaction(*steps)

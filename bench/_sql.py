@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
+from sqlalchemy.dialects.mysql.asyncmy import MySQLDialect_asyncmy
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
@@ -20,7 +21,16 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from sessions_sql._dialects import Many, Script, dialect_for
 
-__all__ = ["PG", "POSITIONS", "PSYCOPG", "SQLITE", "PostgresSQL", "SQLiteSQL"]
+__all__ = [
+    "MYSQL",
+    "PG",
+    "POSITIONS",
+    "PSYCOPG",
+    "SQLITE",
+    "MySQLSQL",
+    "PostgresSQL",
+    "SQLiteSQL",
+]
 
 
 #: For each statement text, which of the parameters (in the order the fields below list them)
@@ -139,8 +149,57 @@ def _sqlite() -> SQLiteSQL:
     )
 
 
+@dataclass(frozen=True)
+class MySQLSQL:
+    """MariaDB/MySQL (asyncmy, %s placeholders): writes of several statements run between
+    START TRANSACTION and COMMIT, the session row first."""
+
+    begin: str
+    get_session_age: str  # sid
+    remove_session: str  # sid (values go by ON DELETE CASCADE)
+    read_value: str  # sid, key
+    read_values: str  # sid
+    # One transaction: write_value (session_row, upsert_value); update_session and
+    # remove_values (session_row if values are written, else lock_session; then remove_value
+    # and upsert_value, each once per row).
+    session_row: str  # sid, expires_at, set_expiry
+    lock_session: str  # set_expiry, expires_at, sid
+    upsert_value: str  # sid, key, value
+    remove_value: str  # sid, key
+    read_session: str  # sid
+    set_session_expiry: str  # expires_at, sid
+
+
+def _mysql() -> MySQLSQL:
+    d = dialect_for("mysql")
+    dialect = MySQLDialect_asyncmy()
+    row, upsert = ("sid", "expires_at", "set_expiry"), ("sid", "key", "value")
+    session_row, upsert_value = _compile(d.write_value, dialect, row, upsert)
+    lock = ("set_expiry", "expires_at", "sid")
+    update = _compile(d.update_session, dialect, row, lock, ("sid", "key"), upsert)
+    if (update[0], update[3]) != (session_row, upsert_value):
+        raise RuntimeError("update_session no longer runs the statements of write_value")
+    remove_value = _one(d.remove_value, dialect, "sid", "key")
+    if update[2] != remove_value or d.remove_values != d.update_session:
+        raise RuntimeError("remove_values no longer runs update_session's statements")
+    return MySQLSQL(
+        begin=d.begin,
+        get_session_age=_one(d.get_session_age, dialect, "sid"),
+        remove_session=_one(d.remove_session, dialect, "sid"),
+        read_value=_one(d.read_value, dialect, "sid", "key"),
+        read_values=_one(d.read_values, dialect, "sid"),
+        session_row=session_row,
+        lock_session=update[1],
+        upsert_value=upsert_value,
+        remove_value=remove_value,
+        read_session=_one(d.read_session, dialect, "sid"),
+        set_session_expiry=_one(d.set_session_expiry, dialect, "expires_at", "sid"),
+    )
+
+
 #: The statements of each database, as text with positional parameters.
 PG = _postgres(PGDialect_asyncpg())  # type: ignore[no-untyped-call]
 #: psycopg with the positional %s placeholders sessions_sql's psycopg path compiles for.
 PSYCOPG = _postgres(PGDialect_psycopg(paramstyle="format"))  # type: ignore[no-untyped-call]
 SQLITE = _sqlite()
+MYSQL = _mysql()

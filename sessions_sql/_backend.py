@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, c
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from ._dialects import Params, Script, dialect_for
-from ._drivers import Outcome
+from ._drivers import Outcome, check_driver
 from ._execution import Executor, backend_error
 from ._protocol import (
     KEEP,
@@ -92,11 +92,12 @@ def _rowcount(count: Any) -> int:
 class SQLAlchemyBackend:
     """Sessions stored in the ``sessions`` and ``session_values`` tables of a SQL database.
 
-    Works on PostgreSQL (asyncpg) and SQLite (aiosqlite), and on a Citus coordinator whose
-    tables ``migrate(..., citus=True)`` distributed (found on the first call). The tables
-    must exist: create them with :func:`sessions_sql.migrate` (or :meth:`create_all` in
-    tests). No DDL runs implicitly. The engine's pool is shared; each call checks out a
-    connection for one short transaction.
+    Works on PostgreSQL (asyncpg, psycopg), SQLite (aiosqlite) and MariaDB/MySQL (asyncmy),
+    through SQLAlchemy Core on other async drivers, and on a Citus coordinator whose tables
+    ``migrate(..., citus=True)`` distributed (found on the first call). The tables must
+    exist: create them with :func:`sessions_sql.migrate` (or :meth:`create_all` in tests).
+    No DDL runs implicitly. The engine's pool is shared; each call checks out a connection
+    for one short transaction.
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class SQLAlchemyBackend:
             raise ValueError("max_value_bytes must be a non-negative int or None")
         self._engine = engine
         self._sql = dialect_for(engine.dialect.name)
+        check_driver(engine.dialect.driver)
         self._executor = Executor(engine, self._sql, schema)
         self._schema = schema
         self._max_value_bytes = max_value_bytes
@@ -147,11 +149,12 @@ class SQLAlchemyBackend:
         error messages, and on PostgreSQL ``pool_use_lifo=True`` reuses the most recently used
         connection (its server process is the one whose caches are warm; spare connections
         can time out). A SQLite file database is switched to WAL mode so that readers do not
-        wait for writers. On asyncpg and aiosqlite, with the default pool, the backend keeps up
-        to ``pool_size`` connections checked out between calls: a call then costs no pool
-        checkout.
+        wait for writers. On asyncpg, psycopg, asyncmy and aiosqlite, with the default pool, the
+        backend keeps up to ``pool_size`` connections checked out between calls: a call then
+        costs no pool checkout.
         """
         url = make_url(url)
+        check_driver(url.get_driver_name())
         sqlite = url.get_backend_name() == "sqlite"
         engine_kw.setdefault("hide_parameters", True)
         # The backend's own connections are kept between calls unless the caller chose a pool.

@@ -1,4 +1,5 @@
-"""The SQL each database runs for each operation: the one place where PostgreSQL and SQLite differ.
+"""The SQL each database runs for each operation: the one place where PostgreSQL, SQLite and
+MariaDB/MySQL differ.
 
 Every statement is built once, at import, as a Core construct (so SQLAlchemy caches its
 compiled form and ``schema_translate_map`` applies). An operation is a *script*: a tuple of
@@ -28,6 +29,7 @@ from sqlalchemy import (
     String,
     any_,
     bindparam,
+    case,
     delete,
     func,
     literal_column,
@@ -35,7 +37,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import ColumnElement, Executable, Selectable
 from sqlalchemy.util import await_only
@@ -67,7 +69,7 @@ Script = tuple[Executable | Many, ...]
 Params = dict[str, Any]
 
 # Times: timestamptz on PostgreSQL; on SQLite the text CURRENT_TIMESTAMP writes (UTC,
-# "YYYY-MM-DD HH:MM:SS"), which compares in time order.
+# "YYYY-MM-DD HH:MM:SS"), which compares in time order; naive UTC on MariaDB/MySQL.
 _TIME = DateTime(timezone=True).with_variant(String(), "sqlite")
 
 _sid = bindparam("sid", type_=String)
@@ -709,7 +711,117 @@ def _sqlite() -> Dialect:
     )
 
 
-_DIALECTS = {"postgresql": _postgresql(), "sqlite": _sqlite()}
+def _naive_utc(moment: datetime) -> datetime:
+    # DATETIME(6) holds no time zone (and asyncmy would drop it): UTC, as UTC_TIMESTAMP writes.
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+@contextlib.contextmanager
+def _mysql_migration_lock(connection: Connection) -> Iterator[None]:
+    # A named lock of the connection, held across the migrations (MySQL's DDL commits on its
+    # own), released with the connection if the process dies; one name per database. Taken
+    # by polling with a zero timeout, like PostgreSQL's.
+    name = "CONCAT('sessions_sql.migrate.', SHA1(COALESCE(DATABASE(), '')))"
+    while not connection.exec_driver_sql(f"SELECT GET_LOCK({name}, 0)").scalar():
+        connection.commit()
+        _pause(_MIGRATION_LOCK_POLL)
+    connection.commit()
+    try:
+        yield
+    finally:
+        if connection.in_transaction():  # a failed migration's transaction
+            connection.rollback()
+        connection.exec_driver_sql(f"SELECT RELEASE_LOCK({name})")
+        connection.commit()
+
+
+def _mysql() -> Dialect:
+    # MariaDB and MySQL (InnoDB) have no data-modifying CTE: a write is several statements in
+    # one transaction, the session row first. Its INSERT ... ON DUPLICATE KEY UPDATE creates
+    # the session or locks its row (also when it changes nothing), and a call that must not
+    # create it locks it with an UPDATE: writers and remove_session (session row, then the
+    # cascade to values) so take their locks in one order. INSERT IGNORE is never used (it
+    # would truncate an over-long id with a warning); deadlocks the server still detects are
+    # retried (see _execution).
+    insert = mysql.insert
+    session_row = insert(S).values(id=_sid, expires_at=_expires_at)
+    session_row = session_row.on_duplicate_key_update(
+        expires_at=case((_set_expiry, session_row.inserted.expires_at), else_=S.c.expires_at)
+    )
+    lock_session = (
+        update(S)
+        .where(S.c.id == _sid)
+        .values(expires_at=case((_set_expiry, _expires_at), else_=S.c.expires_at))
+    )
+    upsert = insert(V).values(session_id=_sid, key=_key, value=_value)
+    upsert = upsert.on_duplicate_key_update(value=upsert.inserted.value)
+    remove_key = delete(V).where(V.c.session_id == _sid, V.c.key == _key)
+    update_session = (
+        Many(session_row, "creating"),
+        Many(lock_session, "locking"),
+        Many(remove_key, "removed"),
+        Many(upsert, "written"),
+    )
+
+    def remove_batch(condition: str, order: str, moment: Any) -> Executable:
+        # "IN (SELECT ... LIMIT n)" is refused: one bounded batch of ids in a derived table,
+        # read first (STRAIGHT_JOIN) with FOR UPDATE SKIP LOCKED (MariaDB >= 10.6, MySQL >=
+        # 8.0.1): rows a writer holds are skipped, never waited for, and a locking read sees
+        # a change a writer committed before it. Then the batch is deleted through the primary
+        # key; values go by ON DELETE CASCADE.
+        return text(
+            f"DELETE sessions FROM (SELECT id FROM sessions WHERE {condition}"
+            f" ORDER BY {order} LIMIT :limit FOR UPDATE SKIP LOCKED) AS doomed"
+            " STRAIGHT_JOIN sessions ON sessions.id = doomed.id"
+        ).bindparams(moment, _limit)
+
+    def update_params(
+        sid: str,
+        mapping: Mapping[str, bytes],
+        remove_keys: list[str],
+        set_expiry: bool,
+        expires_at: Any,
+    ) -> Params:
+        session = [{"sid": sid, "set_expiry": set_expiry, "expires_at": expires_at}]
+        return {
+            "creating": session if mapping else [],
+            "locking": [] if mapping else session,
+            "removed": [{"sid": sid, "key": key} for key in remove_keys],
+            "written": [{"sid": sid, "key": k, "value": v} for k, v in mapping.items()],
+        }
+
+    return Dialect(
+        name="mysql",
+        begin="START TRANSACTION",
+        single_writer=False,
+        get_sessions=(_get_sessions,),
+        page_sessions=(_page_sessions,),
+        get_session_age=(_get_session_age,),
+        get_session_expiry=(_get_session_expiry,),
+        read_session=(_read_session,),
+        remove_session=(_delete_session,),  # values go by ON DELETE CASCADE
+        read_value=(_read_value,),
+        read_values=(_read_values,),
+        write_value=(session_row, upsert),
+        update_session=update_session,
+        remove_value=(_remove_value,),
+        remove_values=update_session,  # the session row locked first, then the removals
+        set_session_expiry=(_set_session_expiry,),
+        remove_created_before=(remove_batch("created_at < :cutoff", "created_at", _cutoff),),
+        remove_expired=(remove_batch("expires_at < :now", "expires_at", _now),),
+        update_params=update_params,
+        remove_values_params=lambda sid, keys: update_params(sid, {}, keys, False, None),
+        created_before=_created_before,
+        expired=_expired,
+        time_param=_naive_utc,
+        migration_lock=_mysql_migration_lock,
+        on_connect=None,
+    )
+
+
+_DIALECTS = {"postgresql": _postgresql(), "sqlite": _sqlite(), "mysql": _mysql()}
+# A MariaDB URL (mariadb+asyncmy://) names SQLAlchemy's MariaDB dialect: the same SQL.
+_DIALECTS["mariadb"] = _DIALECTS["mysql"]
 
 
 def supported(table: Mapping[str, _T], name: str, what: str) -> _T:

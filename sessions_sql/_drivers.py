@@ -1,5 +1,6 @@
 """Running compiled statements on the driver's own connection: the fast path of asyncpg,
-psycopg and aiosqlite (other drivers run the statements through SQLAlchemy Core instead).
+psycopg, aiosqlite and asyncmy (other drivers run the statements through SQLAlchemy Core
+instead).
 
 On its pooled path the backend checks a connection out of the engine's pool and sends the
 statements of ``_dialects`` straight to the driver: each is compiled once per backend to
@@ -23,7 +24,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from ._dialects import Many, Params, Script
 
-__all__ = ["Driver", "Statement", "compile_script", "driver_for", "run_script"]
+__all__ = ["Driver", "Statement", "check_driver", "compile_script", "driver_for", "run_script"]
 
 #: What a script returns: the rows of its last statement, or that statement's row count.
 Outcome = Sequence[Sequence[Any]] | int
@@ -95,6 +96,10 @@ class Driver:
     #: The parameter style to compile for, if not the SQLAlchemy dialect's (which must be
     #: positional).
     paramstyle: str | None = None
+    #: Whether a call on a pooled connection goes through :attr:`enter` and :attr:`leave`
+    #: (False where the switch costs round trips: the call then ends with COMMIT instead);
+    #: kept connections always enter, once.
+    pooled_autocommit: bool = True
 
 
 async def _asyncpg_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
@@ -195,7 +200,68 @@ _PSYCOPG = Driver(
     paramstyle="format",
 )
 
-_DRIVERS = {driver.name: driver for driver in (_ASYNCPG, _AIOSQLITE, _PSYCOPG)}
+
+async def _asyncmy_rows(conn: Any, sql: str, args: tuple[Any, ...]) -> Sequence[Sequence[Any]]:
+    async with conn.cursor() as cursor:
+        await cursor.execute(sql, args)
+        rows: Sequence[Sequence[Any]] = await cursor.fetchall()
+        return rows
+
+
+async def _asyncmy_count(conn: Any, sql: str, args: tuple[Any, ...]) -> int:
+    async with conn.cursor() as cursor:
+        return int(await cursor.execute(sql, args or None))
+
+
+async def _asyncmy_many(conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    async with conn.cursor() as cursor:
+        if len(rows) == 1:  # (executemany cannot rewrite an ON DUPLICATE KEY with parameters)
+            await cursor.execute(sql, rows[0])
+        else:  # one multi-row INSERT for an INSERT ... VALUES
+            await cursor.executemany(sql, rows)
+
+
+def _asyncmy_is_closed(conn: Any) -> bool:
+    # A connection the server closed (KILL, a restart, wait_timeout) shows it once a call
+    # has read the end of its stream; one cancelled mid-read is closed by asyncmy itself.
+    return not conn.connected or bool(conn._stream_broken)
+
+
+# asyncmy (MariaDB, MySQL): the statements are sent as text with the arguments escaped into
+# them by the driver (%s placeholders), one round trip each. Pooled connections are left out
+# of autocommit (switching costs a round trip each way): a single statement is followed by
+# COMMIT. Kept connections are switched to autocommit once, then cost one round trip a call.
+_ASYNCMY = Driver(
+    name="asyncmy",
+    rows=_asyncmy_rows,
+    count=_asyncmy_count,
+    many=_asyncmy_many,
+    in_transaction=lambda conn: bool(conn.get_transaction_status()),
+    is_closed=_asyncmy_is_closed,
+    settle=_nothing_to_settle,  # no client-side timeout of its own
+    abandon=_nothing_to_abandon,  # the server ends the transaction when the connection closes
+    enter=lambda conn: conn.autocommit(True),  # no round trip when already so
+    leave=lambda conn: conn.autocommit(False),
+    pooled_autocommit=False,
+)
+
+_DRIVERS = {driver.name: driver for driver in (_ASYNCPG, _AIOSQLITE, _PSYCOPG, _ASYNCMY)}
+
+
+# Drivers SQLAlchemy offers that cannot store sessions, and why.
+_REFUSED = {
+    "aiomysql": (
+        "aiomysql 0.3.2 fails on every bytes parameter (session values) with PyMySQL >= 1.2.3; "
+        "use asyncmy (mysql+asyncmy://, the [mysql] extra)"
+    ),
+}
+
+
+def check_driver(name: str) -> None:
+    """Raise ``ValueError`` for a SQLAlchemy driver known not to work, saying why."""
+    reason = _REFUSED.get(name)
+    if reason is not None:
+        raise ValueError(f"unsupported driver {name!r}: {reason}")
 
 
 def driver_for(name: str) -> Driver | None:
@@ -242,7 +308,11 @@ async def run_script(
         await driver.count(conn, "COMMIT", ())
     except Exception:
         if driver.in_transaction(conn):  # also waits out a statement the driver gave up on
-            await driver.count(conn, "ROLLBACK", ())
+            # A connection the server closed on the error (MySQL's max_allowed_packet) fails
+            # the ROLLBACK: the error that ended the script is the one to report, and the
+            # connection, still inside its transaction, is discarded.
+            with contextlib.suppress(Exception):
+                await driver.count(conn, "ROLLBACK", ())
         raise
     except asyncio.CancelledError:
         # The connection may still be busy with the statement the call was waiting for, so

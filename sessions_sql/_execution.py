@@ -2,12 +2,14 @@
 which transaction, what is retried, and how failures are mapped.
 
 An :class:`Executor` runs the scripts of one ``_dialects.Dialect`` on an engine. On a driver
-with a fast path (``_drivers``: asyncpg, aiosqlite) each script is compiled once and sent
-with the driver's own calls on a connection checked out of the engine's pool, or kept
-between calls (``_Kept``, engines the backend owns); on any other driver the Core statements
-run through SQLAlchemy on a pooled connection in autocommit. Either way a single statement
-is its own transaction (one round trip), a longer script runs between an explicit BEGIN and
-COMMIT. Bound to a host's connection (``using()``), the scripts run on its SQLAlchemy
+with a fast path (``_drivers``: asyncpg, psycopg, aiosqlite, asyncmy) each script is compiled
+once and sent with the driver's own calls on a connection checked out of the engine's pool,
+or kept between calls (``_Kept``, engines the backend owns); on any other driver the Core
+statements run through SQLAlchemy on a pooled connection in autocommit. Either way a single
+statement is its own transaction (one round trip; on asyncmy's pooled connections followed
+by COMMIT), a longer script runs between an explicit BEGIN and COMMIT. What may be retried:
+a stale connection, PostgreSQL's foreign-key race, InnoDB's deadlocks and lock wait
+timeouts. Bound to a host's connection (``using()``), the scripts run on its SQLAlchemy
 connection, in its transaction, instead. Database errors become :class:`BackendError` with
 the driver's exception chained.
 """
@@ -18,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -42,7 +45,18 @@ _T = TypeVar("_T")
 # A write racing the removal of its session can fail its foreign-key check (the session
 # row vanished after the statement's snapshot); running it again creates the session anew.
 _FOREIGN_KEY_VIOLATION = "23503"
-_FOREIGN_KEY_ATTEMPTS = 5
+# InnoDB (MariaDB, MySQL) ended a transaction it found in a deadlock (1213), or a statement
+# that waited for a lock too long (1205; the script then rolls back): running it again is
+# safe, after a short random pause that lets the transaction that won finish.
+_MYSQL_RETRIED = {1213, 1205}
+_RETRY_ATTEMPTS = 10
+_RETRY_PAUSE = 0.005  # seconds, at most, times the attempt number
+# MySQL error 1153: a statement (a value) larger than the server's max_allowed_packet.
+_PACKET_TOO_LARGE = 1153
+_PACKET_HINT = (
+    "; the statement is larger than the server's max_allowed_packet: raise max_allowed_packet "
+    "on the server, or store smaller values"
+)
 
 # When the pool opened a connection (kept in its pool record's ``info``): a connection found
 # closed that is older than the call was dropped by the server while it sat in the pool (a
@@ -104,6 +118,11 @@ def backend_error(operation: str, error: Exception) -> BackendError:
         mixup = sqlstate in _PREPARED_STATEMENT_MIXUP
         if mixup or (sqlstate == "08P01" and "prepared statement" in str(orig)):
             reason += _POOLER_HINT
+        errno = _mysql_errno(error)
+        if errno is not None:
+            reason += f" (MySQL error {errno})"
+        if errno == _PACKET_TOO_LARGE:
+            reason += _PACKET_HINT
     return BackendError(f"{operation} failed: {reason}")
 
 
@@ -231,8 +250,6 @@ class Executor:
         self._driver = driver_for(engine.dialect.driver)
         self._compiled: dict[Script, tuple[Statement, ...]] = {}
         self._compile(sql)
-        # Without a fast path: the same pool, with its connections in autocommit.
-        self._autocommit = engine.sync_engine.execution_options(isolation_level="AUTOCOMMIT")
         # This process's writes queue here on a database with a single writer (SQLite).
         self._write_lock = LoopLock() if sql.single_writer else None
         self._kept: _Kept | None = None
@@ -345,23 +362,35 @@ class Executor:
                     outcome = await self._on_kept(self._kept, self._driver, script, params, started)
                     return fetch(outcome)
                 return fetch(await greenlet_spawn(self._pooled, self._driver, script, params))
-            except _StaleConnection:
+            except _StaleConnection as stale:
                 # Every operation is idempotent: a connection the server dropped while it sat
-                # in the pool is discarded and the call runs again on the next one.
+                # in the pool is discarded and the call runs again on the next one. (A server
+                # refusing a statement over max_allowed_packet closes the connection too.)
+                cause = stale.__cause__
+                if isinstance(cause, Exception) and _mysql_errno(cause) == _PACKET_TOO_LARGE:
+                    raise backend_error(operation, cause) from cause
                 continue
             except Exception as error:  # input is checked: anything here is the database or driver
-                if _sqlstate(error) == _FOREIGN_KEY_VIOLATION and attempt < _FOREIGN_KEY_ATTEMPTS:
-                    continue
+                if attempt < _RETRY_ATTEMPTS:
+                    if _sqlstate(error) == _FOREIGN_KEY_VIOLATION:
+                        continue
+                    if _mysql_errno(error) in _MYSQL_RETRIED:
+                        await asyncio.sleep(random.uniform(0, _RETRY_PAUSE * attempt))
+                        continue
                 raise backend_error(operation, error) from error
 
     def _on_core(self, script: Script, params: Params) -> Outcome:
         """Run the Core statements on a pooled connection in autocommit, through SQLAlchemy
         (its statement events and logging see them); in a greenlet."""
         checkout = time.monotonic()
-        with self._autocommit.connect() as conn:
+        with self._engine.sync_engine.connect() as conn:
             # Read before running: an invalidated connection no longer has its record.
             opened = conn.info.get(_CONNECTED_AT, 0.0)
             try:
+                # Switched here, not by the engine's checkout: a call cancelled while the
+                # driver switches it (a round trip on MySQL drivers) must still give the
+                # connection back (an engine's checkout cancelled there leaks it).
+                conn.execution_options(isolation_level="AUTOCOMMIT")
                 return _execute_alone(conn, script, params, self._options, self._sql.begin)
             except DBAPIError as error:
                 if error.connection_invalidated and opened < checkout:
@@ -378,13 +407,14 @@ class Executor:
         checkout = time.monotonic()
         pooled = self._engine.sync_engine.raw_connection()
         conn = pooled.driver_connection
+        switch = driver.pooled_autocommit
         try:
-            if driver.enter is not None:
+            if switch and driver.enter is not None:
                 await_only(driver.enter(conn))
             outcome = await_only(
                 run_script(driver, conn, self._sql.begin, self._compiled[script], params)
             )
-            if driver.leave is not None:
+            if switch and driver.leave is not None:
                 await_only(driver.leave(conn))
             return outcome
         except BaseException as error:
@@ -394,7 +424,7 @@ class Executor:
                 pooled.invalidate(error)
                 if stale:
                     raise _StaleConnection from error
-            elif driver.leave is not None:
+            elif switch and driver.leave is not None:
                 await_only(driver.leave(conn))
             raise
         finally:
@@ -498,6 +528,16 @@ def _sqlstate(error: BaseException) -> str | None:
         if isinstance(sqlstate, str):
             return sqlstate
     return None
+
+
+def _mysql_errno(error: BaseException) -> int | None:
+    """The MySQL/MariaDB error number of a driver's error (its first argument), if any."""
+    orig = getattr(error, "orig", None) or error
+    module = type(orig).__module__
+    if not module.startswith(("asyncmy", "pymysql", "aiomysql", "MySQLdb")):
+        return None
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
 
 
 def _invalidate(connection: PoolProxiedConnection, error: BaseException) -> None:

@@ -1,5 +1,5 @@
-"""Fixtures: every backend test runs on SQLite (a temporary file) and on PostgreSQL, through
-asyncpg and through psycopg 3.
+"""Fixtures: every backend test runs on SQLite (a temporary file), on PostgreSQL through
+asyncpg and through psycopg 3, and on MariaDB through asyncmy.
 
 PostgreSQL comes from SESSIONS_SQL_TEST_POSTGRES_URL (any database on the server; the tests
 create and drop databases of their own beside it). Without the variable the PostgreSQL cases
@@ -8,6 +8,8 @@ and race tests also run through PgBouncer in transaction mode, from
 SESSIONS_SQL_TEST_PGBOUNCER_URL (a PgBouncer in front of that server; same rules). The
 contract, model, race, garbage collection and migration tests also run on a Citus cluster,
 from SESSIONS_SQL_TEST_CITUS_URL (its coordinator, with its workers added; same rules).
+MariaDB (or MySQL) comes from SESSIONS_SQL_TEST_MYSQL_URL (same rules; the asyncmy driver, and
+databases of the tests' own beside the one named).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sessions_sql import MemoryBackend, SQLAlchemyBackend, migrate
 POSTGRES_ENV = "SESSIONS_SQL_TEST_POSTGRES_URL"
 PGBOUNCER_ENV = "SESSIONS_SQL_TEST_PGBOUNCER_URL"
 CITUS_ENV = "SESSIONS_SQL_TEST_CITUS_URL"
+MARIADB_ENV = "SESSIONS_SQL_TEST_MYSQL_URL"
 #: Seconds without an outcome after which a step counts as hung. Only ever reached by a hang,
 #: so generous: on a loaded 2-core machine a child process took 12 s just to import aiogram.
 HANG_GUARD = 300.0
@@ -128,6 +131,44 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A migrated database shared by the backend tests (tables are emptied per test)."""
     url = postgres_server.new_database()
+    asyncio.run(migrate(url))
+    return url
+
+
+class MariaDBServer(PostgresServer):
+    """The MariaDB test server: fresh, empty databases, dropped afterwards."""
+
+    def new_database(self) -> str:
+        """Create an empty database and return its URL (asyncmy driver)."""
+        name = f"sessions_sql_test_{uuid.uuid4().hex[:12]}"
+        asyncio.run(_admin(self.url, f"CREATE DATABASE `{name}`"))
+        self.created.append(name)
+        return make_url(self.url).set(database=name).render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        for name in self.created:
+            asyncio.run(_admin(self.url, f"DROP DATABASE IF EXISTS `{name}`"))
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[MariaDBServer]:
+    raw = os.environ.get(MARIADB_ENV)
+    if not raw:
+        _postgres_unavailable(f"{MARIADB_ENV} is not set", "MariaDB")
+    url = make_url(raw).set(drivername="mysql+asyncmy").render_as_string(hide_password=False)
+    try:
+        asyncio.run(_admin(url, "SELECT 1"))
+    except (OSError, SQLAlchemyError) as error:
+        _postgres_unavailable(f"cannot connect ({type(error).__name__}: {error})", "MariaDB")
+    server = MariaDBServer(url)
+    yield server
+    server.drop_all()
+
+
+@pytest.fixture(scope="session")
+def mariadb_url(mariadb_server: MariaDBServer) -> str:
+    """A migrated MariaDB database shared by the backend tests (emptied per test)."""
+    url = mariadb_server.new_database()
     asyncio.run(migrate(url))
     return url
 
@@ -277,6 +318,10 @@ def empty_database(request: pytest.FixtureRequest, database: str) -> str:
         url: str = request.getfixturevalue("sqlite_url")
         asyncio.run(migrate(url))
         return url
+    if database == "mariadb":
+        url = request.getfixturevalue("mariadb_url")
+        asyncio.run(_admin(url, "DELETE FROM sessions"))  # values go by the cascade
+        return url
     url = request.getfixturevalue("postgres_url")
     asyncio.run(_admin(url, "TRUNCATE sessions, session_values"))
     if database.startswith("pgbouncer"):
@@ -285,7 +330,7 @@ def empty_database(request: pytest.FixtureRequest, database: str) -> str:
 
 
 #: The databases (and, for PostgreSQL, drivers) every backend test runs on.
-DATABASES = ["sqlite", "postgresql", "psycopg"]
+DATABASES = ["sqlite", "postgresql", "psycopg", "mariadb"]
 #: PostgreSQL through PgBouncer in transaction mode, for the contract and race tests.
 PGBOUNCER = ["pgbouncer", "pgbouncer-psycopg"]
 #: A Citus cluster, tables distributed by session id: contract, model and race tests.

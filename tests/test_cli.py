@@ -80,12 +80,12 @@ def assert_error(result: Result, status: int, message: str | None = None) -> str
 # Databases.
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """URL of a fresh, empty (unmigrated) database, on each database."""
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'sessions.db'}"
-    server = request.getfixturevalue("postgres_server")
+    server = request.getfixturevalue(f"{request.param.replace('postgresql', 'postgres')}_server")
     url: str = server.new_database()
     return url
 
@@ -141,6 +141,8 @@ def set_created(url: str, session_id: str, when: datetime) -> None:
     value: Any = when
     if url.startswith("sqlite"):  # stored as UTC text, as CURRENT_TIMESTAMP writes it
         value = when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    elif url.startswith("mysql"):  # DATETIME(6) in UTC
+        value = when.astimezone(timezone.utc).replace(tzinfo=None)
     sql(url, "UPDATE sessions SET created_at = :t WHERE id = :id", {"t": value, "id": session_id})
 
 
@@ -149,6 +151,11 @@ def set_created_db_relative(url: str, session_id: str, seconds_ago: int) -> None
     if url.startswith("sqlite"):
         statement = "UPDATE sessions SET created_at = datetime('now', :delta) WHERE id = :id"
         params: dict[str, Any] = {"delta": f"-{seconds_ago} seconds", "id": session_id}
+    elif url.startswith("mysql"):
+        statement = (
+            "UPDATE sessions SET created_at = UTC_TIMESTAMP(6) - INTERVAL :s SECOND WHERE id = :id"
+        )
+        params = {"s": seconds_ago, "id": session_id}
     else:
         statement = (
             "UPDATE sessions SET created_at = now() - make_interval(secs => :s) WHERE id = :id"
@@ -216,6 +223,11 @@ def test_migrate_sql_prints_offline_sql_without_touching_the_database(
     if empty_url.startswith("sqlite"):
         assert not Path(empty_url.split("///", 1)[1]).exists()
         assert "CREATE INDEX ix_sessions_expires_at ON sessions (expires_at) WHERE" in out
+    elif empty_url.startswith("mysql"):
+        assert tables(empty_url) == set()
+        assert "value LONGBLOB NOT NULL" in out
+        assert "created_at DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6))" in out
+        assert "CREATE INDEX ix_sessions_expires_at ON sessions (expires_at);" in out
     else:
         assert tables(empty_url) == set()
         # Built without blocking writes, outside the migration's transaction.
@@ -265,7 +277,9 @@ def test_set_get_show_rm(cli: Any, db_url: str) -> None:
 
     (created,) = sql(db_url, "SELECT created_at FROM sessions")[0]
     if isinstance(created, str):  # SQLite text
-        created = datetime.fromisoformat(created).replace(tzinfo=timezone.utc)
+        created = datetime.fromisoformat(created)
+    if created.tzinfo is None:  # SQLite and MariaDB store UTC without a zone
+        created = created.replace(tzinfo=timezone.utc)
     seconds = unix(created)
     result = cli("show", SECRET_ID, url=db_url)
     assert result.code == 0
@@ -292,7 +306,7 @@ def test_set_get_show_rm(cli: Any, db_url: str) -> None:
     assert SECRET_ID not in error
 
     assert cli("rm", SECRET_ID, "blob", url=db_url) == Result(0, b"", "")
-    assert sql(db_url, "SELECT key FROM session_values") == [("empty",)]
+    assert sql(db_url, "SELECT session_values.key FROM session_values") == [("empty",)]
     assert session_ids(db_url) == {SECRET_ID}
 
     assert cli("rm", SECRET_ID, url=db_url) == Result(0, b"", "")

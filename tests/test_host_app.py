@@ -1,5 +1,5 @@
 """examples/host_app: an application with its own model and Alembic history, embedding
-sessions_sql exactly as the README says. PostgreSQL only."""
+sessions_sql exactly as the README says. On PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
@@ -51,12 +51,20 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.fixture(params=["postgresql", "mariadb"])
+def fresh_url(request: pytest.FixtureRequest) -> str:
+    """A new, empty database on each server."""
+    server = request.getfixturevalue(f"{request.param.replace('postgresql', 'postgres')}_server")
+    url: str = server.new_database()
+    return url
+
+
 @pytest.fixture
-def host_db(fresh_postgres_url: str) -> str:
+def host_db(fresh_url: str) -> str:
     """A database upgraded by both histories, from empty."""
-    ok(alembic(fresh_postgres_url, "upgrade", "head"))
-    ok(alembic(fresh_postgres_url, "-n", "sessions_sql", "upgrade", "head"))
-    return fresh_postgres_url
+    ok(alembic(fresh_url, "upgrade", "head"))
+    ok(alembic(fresh_url, "-n", "sessions_sql", "upgrade", "head"))
+    return fresh_url
 
 
 @pytest.fixture
@@ -173,10 +181,10 @@ async def test_using_an_orm_session(host_engine: AsyncEngine, host_modules: Any)
     assert await backend.read_value("orm", "k") == b"v"
 
 
-async def test_concurrent_workers_upgrade(fresh_postgres_url: str) -> None:
+async def test_concurrent_workers_upgrade(fresh_url: str) -> None:
     results = await asyncio.gather(
         *(
-            asyncio.to_thread(alembic, fresh_postgres_url, "-n", "sessions_sql", "upgrade", "head")
+            asyncio.to_thread(alembic, fresh_url, "-n", "sessions_sql", "upgrade", "head")
             for _ in range(3)
         )
     )

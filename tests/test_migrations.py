@@ -23,13 +23,24 @@ from sessions_sql.models import Base
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+def _new_database(request: pytest.FixtureRequest, database: str) -> str:
+    server = request.getfixturevalue(f"{database.replace('postgresql', 'postgres')}_server")
+    url: str = server.new_database()
+    return url
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database on a server that several processes can migrate at once."""
+    return _new_database(request, request.param)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def empty_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         url: str = request.getfixturevalue("sqlite_url")
         return url
-    url = request.getfixturevalue("fresh_postgres_url")
-    return url
+    return _new_database(request, request.param)
 
 
 def _diff(connection: Connection) -> list[Any]:
@@ -77,22 +88,23 @@ async def test_downgrade_to_base_and_back(empty_url: str) -> None:
         assert await backend.read_value("s", "k") == b"v"
 
 
-def test_concurrent_migrator_processes(fresh_postgres_url: str) -> None:
-    """Several worker processes upgrading at once: the advisory lock serialises them."""
+def test_concurrent_migrator_processes(server_url: str) -> None:
+    """Several worker processes upgrading at once: the advisory (PostgreSQL) or named
+    (MariaDB) lock serialises them."""
     script = "import asyncio, sessions_sql, sys; asyncio.run(sessions_sql.migrate(sys.argv[1]))"
     workers = [
-        subprocess.Popen([sys.executable, "-c", script, fresh_postgres_url], stderr=subprocess.PIPE)
+        subprocess.Popen([sys.executable, "-c", script, server_url], stderr=subprocess.PIPE)
         for _ in range(4)
     ]
     for worker in workers:
         _, stderr = worker.communicate(timeout=120)
         assert worker.returncode == 0, stderr.decode()
-    assert asyncio.run(_inspect(fresh_postgres_url, _diff)) == []
+    assert asyncio.run(_inspect(server_url, _diff)) == []
 
 
-async def test_concurrent_migrations_in_one_process(fresh_postgres_url: str) -> None:
-    await asyncio.gather(*(migrate(fresh_postgres_url) for _ in range(4)))
-    assert await _inspect(fresh_postgres_url, _diff) == []
+async def test_concurrent_migrations_in_one_process(server_url: str) -> None:
+    await asyncio.gather(*(migrate(server_url) for _ in range(4)))
+    assert await _inspect(server_url, _diff) == []
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

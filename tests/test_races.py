@@ -86,7 +86,8 @@ async def stored_values(engine: AsyncEngine, sid: str) -> tuple[bool, dict[str, 
             await conn.execute(text("SELECT count(*) FROM sessions WHERE id = :id"), {"id": sid})
         ).scalar_one()
         result = await conn.execute(
-            text("SELECT key, value FROM session_values WHERE session_id = :id"), {"id": sid}
+            text("SELECT v.key, v.value FROM session_values v WHERE v.session_id = :id"),
+            {"id": sid},
         )
         return exists == 1, {key: bytes(value) for key, value in result}
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+# The same SQL as sa.String(255), sa.DateTime(timezone=True), sa.func.now() and
+# sa.LargeBinary() on PostgreSQL and SQLite; exact comparison, DATETIME(6) in UTC and LONGBLOB
+# on MariaDB/MySQL.
+from sessions_sql.models import BYTES, TIME, ExactString, utc_now
+
 revision = "0001"
 down_revision = None
 branch_labels = ("sessions_sql",)
@@ -21,19 +26,17 @@ def upgrade() -> None:
     schema = context.version_table_schema
     op.create_table(
         "sessions",
-        sa.Column("id", sa.String(255), nullable=False),
-        sa.Column(
-            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
-        ),
+        sa.Column("id", ExactString(255), nullable=False),
+        sa.Column("created_at", TIME, server_default=utc_now(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_sessions"),
         schema=schema,
     )
     op.create_index("ix_sessions_created_at", "sessions", ["created_at"], schema=schema)
     op.create_table(
         "session_values",
-        sa.Column("session_id", sa.String(255), nullable=False),
-        sa.Column("key", sa.String(255), nullable=False),
-        sa.Column("value", sa.LargeBinary(), nullable=False),
+        sa.Column("session_id", ExactString(255), nullable=False),
+        sa.Column("key", ExactString(255), nullable=False),
+        sa.Column("value", BYTES, nullable=False),
         sa.ForeignKeyConstraint(
             ["session_id"],
             [f"{schema}.sessions.id" if schema else "sessions.id"],

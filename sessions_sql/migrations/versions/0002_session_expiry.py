@@ -22,6 +22,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
+from sessions_sql.models import TIME  # DateTime(timezone=True); DATETIME(6) on MariaDB/MySQL
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -34,7 +36,7 @@ _LOCK_NOT_AVAILABLE = "55P03"
 
 
 def _add_column(schema: str | None) -> None:
-    op.add_column("sessions", sa.Column("expires_at", sa.DateTime(timezone=True)), schema=schema)
+    op.add_column("sessions", sa.Column("expires_at", TIME), schema=schema)
 
 
 def _pause(seconds: float) -> None:
