@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import aiosqlite
-import asyncmy  # type: ignore[import-untyped]
+import asyncmy
 import asyncpg  # type: ignore[import-untyped]
 import psycopg
 
