@@ -287,13 +287,24 @@ class Executor:
                 conn = await bound.connection() if isinstance(bound, AsyncSession) else bound
                 found = await conn.run_sync(variant.find, self._schema)
             else:
-                async with self._engine.connect() as conn:
-                    found = await conn.run_sync(variant.find, self._schema)
+                found = await self._look_up(variant.find)
             if found is not None:
                 self._compile(found)
                 variant.scripts.update(self._sql.scripts_of(found))
                 variant.sql = found
             variant.find = None
+
+    async def _look_up(self, find: Callable[[Connection, str | None], Dialect | None]) -> Any:
+        """``find`` on a pooled connection; once more on a new one if that connection had
+        gone stale in the pool (a server restart), as the calls themselves retry."""
+        try:
+            async with self._engine.connect() as conn:
+                return await conn.run_sync(find, self._schema)
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+        async with self._engine.connect() as conn:
+            return await conn.run_sync(find, self._schema)
 
     def keep_connections(self) -> None:
         """Keep connections checked out between calls (for an engine of our own whose driver

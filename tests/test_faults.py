@@ -80,7 +80,8 @@ async def admin(pg_db: str) -> AsyncIterator[AsyncEngine]:
 
 async def all_values(engine: AsyncEngine) -> dict[tuple[str, str], bytes]:
     async with engine.connect() as conn:
-        result = await conn.execute(text("SELECT session_id, key, value FROM session_values"))
+        query = "SELECT v.session_id, v.key, v.value FROM session_values v"  # key: reserved
+        result = await conn.execute(text(query))
         return {(sid, key): bytes(value) for sid, key, value in result}
 
 
