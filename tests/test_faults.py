@@ -399,9 +399,10 @@ async def test_stale_pooled_connections_after_a_restart(
 ) -> None:
     """One backend per operation (pool_pre_ping off), each with an idle pooled connection,
     and one with five. The server restarts. Five concurrent first calls of the latter all
-    succeed, then the first call of every operation, each on its own backend, succeeds with
-    the right result; each backend opened exactly one new connection per stale one, proof
-    that the stale connections were there and were replaced."""
+    succeed, opening at most one connection per stale one; then the first call of every
+    operation, each on its own backend, succeeds with the right result; each of those
+    backends opened exactly one new connection per stale one, proof that the stale
+    connections were there and were replaced."""
     backends = {
         name: SQLAlchemyBackend.from_url(backend_url, pool_pre_ping=False) for name in STALE_CALLS
     }
@@ -424,7 +425,10 @@ async def test_stale_pooled_connections_after_a_restart(
 
         reads = [burst.read_value("s-read_value", "a") for _ in range(5)]
         assert await guard(asyncio.gather(*reads), "five first calls") == [b"1"] * 5
-        assert burst_connects() == 5
+        # At most one new connection per stale one. Fewer when a call finds a connection
+        # another call has just replaced: the backend's first call also looks the database
+        # up (Citus or not) and so may open the first new connection before the reads.
+        assert 1 <= burst_connects() <= 5
 
         for name, call in STALE_CALLS.items():
             sid = f"s-{name}"
