@@ -185,15 +185,11 @@ def _pause(seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def _postgresql_migration_lock(connection: Connection) -> Iterator[None]:
-    # A session-level advisory lock, held across the migrations' own transactions (a
-    # revision may commit part way, to build an index CONCURRENTLY). If the process dies,
-    # the server releases it with the connection. Taken by polling, never by waiting inside
-    # a statement: a waiting statement holds a snapshot, and CREATE INDEX CONCURRENTLY in
-    # the migrator holding the lock waits for every such snapshot to end (a deadlock).
-    while not connection.exec_driver_sql(
-        f"SELECT pg_try_advisory_lock({_MIGRATION_LOCK_KEY})"
-    ).scalar():
+def _polled_lock(connection: Connection, take: str, release: str) -> Iterator[None]:
+    """Hold a lock of the connection's session across the migrations: ``take`` (a query
+    answering whether it got the lock, without waiting) is polled, committing between
+    attempts, then ``release`` runs at the end."""
+    while not connection.exec_driver_sql(take).scalar():
         connection.commit()
         _pause(_MIGRATION_LOCK_POLL)
     connection.commit()
@@ -202,8 +198,21 @@ def _postgresql_migration_lock(connection: Connection) -> Iterator[None]:
     finally:
         if connection.in_transaction():  # a failed migration's transaction
             connection.rollback()
-        connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK_KEY})")
+        connection.exec_driver_sql(release)
         connection.commit()
+
+
+def _postgresql_migration_lock(connection: Connection) -> contextlib.AbstractContextManager[None]:
+    # A session-level advisory lock, held across the migrations' own transactions (a
+    # revision may commit part way, to build an index CONCURRENTLY). If the process dies,
+    # the server releases it with the connection. Taken by polling, never by waiting inside
+    # a statement: a waiting statement holds a snapshot, and CREATE INDEX CONCURRENTLY in
+    # the migrator holding the lock waits for every such snapshot to end (a deadlock).
+    return _polled_lock(
+        connection,
+        f"SELECT pg_try_advisory_lock({_MIGRATION_LOCK_KEY})",
+        f"SELECT pg_advisory_unlock({_MIGRATION_LOCK_KEY})",
+    )
 
 
 def _postgresql() -> Dialect:
@@ -716,23 +725,12 @@ def _naive_utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc).replace(tzinfo=None)
 
 
-@contextlib.contextmanager
-def _mysql_migration_lock(connection: Connection) -> Iterator[None]:
+def _mysql_migration_lock(connection: Connection) -> contextlib.AbstractContextManager[None]:
     # A named lock of the connection, held across the migrations (MySQL's DDL commits on its
     # own), released with the connection if the process dies; one name per database. Taken
     # by polling with a zero timeout, like PostgreSQL's.
     name = "CONCAT('sessions_sql.migrate.', SHA1(COALESCE(DATABASE(), '')))"
-    while not connection.exec_driver_sql(f"SELECT GET_LOCK({name}, 0)").scalar():
-        connection.commit()
-        _pause(_MIGRATION_LOCK_POLL)
-    connection.commit()
-    try:
-        yield
-    finally:
-        if connection.in_transaction():  # a failed migration's transaction
-            connection.rollback()
-        connection.exec_driver_sql(f"SELECT RELEASE_LOCK({name})")
-        connection.commit()
+    return _polled_lock(connection, f"SELECT GET_LOCK({name}, 0)", f"SELECT RELEASE_LOCK({name})")
 
 
 def _mysql() -> Dialect:
