@@ -70,7 +70,9 @@ def _now(element: utc_now, compiler: Any, **kw: Any) -> str:
 @compiles(utc_now, "mysql")
 @compiles(utc_now, "mariadb")
 def _utc_timestamp(element: utc_now, compiler: Any, **kw: Any) -> str:
-    return "UTC_TIMESTAMP(6)"
+    # Parenthesized: MySQL 8 takes an expression as a column DEFAULT only in parentheses, and
+    # SQLAlchemy adds them only when it knows the server's version (not for offline SQL).
+    return "(UTC_TIMESTAMP(6))"
 
 
 #: A creation or expiry time: ``DATETIME(6)`` (naive, UTC, microseconds) on MariaDB/MySQL.
