@@ -41,7 +41,7 @@ _OUR_INDEXES = frozenset(
 
 # Alembic keeps the running migration in module globals (alembic.context, alembic.op), so two
 # migrations interleaving on one event loop would corrupt each other: one at a time per loop.
-# Between processes, the lock env.py takes first (`_dialects.lock_migrations`) serialises them.
+# Between processes, the lock env.py takes first (`_dialects.migration_lock`) serialises them.
 _ONE_AT_A_TIME = LoopLock()
 
 

@@ -6,7 +6,7 @@ Run from code (``sessions_sql.migrate``, which passes a connection), or from the
 ``sqlalchemy.url``, else ``SESSIONS_SQL_URL``, else ``sqlite+aiosqlite:///sessions.db``. The
 PostgreSQL schema comes from ``-x schema=NAME``, else the section's ``schema`` option. On a
 Citus coordinator, ``-x citus=true`` (or the section's ``citus = true``) distributes the tables
-after an upgrade (see ``_dialects.citus_setup``).
+after an upgrade (see ``_dialects.citus.distribute_on_citus``).
 """
 
 from __future__ import annotations
