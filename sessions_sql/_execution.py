@@ -1,17 +1,17 @@
-"""How a call of :class:`~sessions_sql.SQLAlchemyBackend` runs: on which connection, in
-which transaction, what is retried, and how failures are mapped.
+"""How a call of :class:`~sessions_sql.SQLAlchemyBackend` runs: on which connection, in which
+transaction, what is retried, and how failures are mapped.
 
 An :class:`Executor` runs the scripts of one ``_dialects.Dialect`` on an engine. On a driver
-with a fast path (``_drivers``: asyncpg, psycopg, aiosqlite, asyncmy) each script is compiled
-once and sent with the driver's own calls on a connection checked out of the engine's pool,
-or kept between calls (``_Kept``, engines the backend owns); on any other driver the Core
-statements run through SQLAlchemy on a pooled connection in autocommit. Either way a single
-statement is its own transaction (one round trip; on asyncmy's pooled connections followed
-by COMMIT), a longer script runs between an explicit BEGIN and COMMIT. What may be retried:
-a stale connection, PostgreSQL's foreign-key race, InnoDB's deadlocks and lock wait
-timeouts. Bound to a host's connection (``using()``), the scripts run on its SQLAlchemy
-connection, in its transaction, instead. Database errors become :class:`BackendError` with
-the driver's exception chained.
+with a fast path (``_drivers``: asyncpg, psycopg, aiosqlite, asyncmy) each script is
+compiled once and sent with the driver's own calls on a connection checked out of the
+engine's pool, or kept between calls (``_Kept``, engines the backend owns); on any other
+driver the Core statements run through SQLAlchemy on a pooled connection in autocommit.
+Either way a single statement is its own transaction (one round trip; on asyncmy's pooled
+connections followed by COMMIT), a longer script runs between an explicit BEGIN and COMMIT.
+What may be retried: a stale connection, PostgreSQL's foreign-key race, deadlocks the server
+broke (InnoDB's, and Citus's false ones) and InnoDB's lock wait timeouts. Bound to a host's
+connection (``using()``), the scripts run on its SQLAlchemy connection, in its transaction,
+instead. Database errors become :class:`BackendError` with the driver's exception chained.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ _FOREIGN_KEY_VIOLATION = "23503"
 # that waited for a lock too long (1205; the script then rolls back): running it again is
 # safe, after a short random pause that lets the transaction that won finish.
 _MYSQL_RETRIED = {1213, 1205}
+# The same on PostgreSQL (40P01). The package's lock order leaves no deadlock there, but
+# Citus's distributed deadlock detector reports false ones: it counts every single-statement
+# transaction the coordinator sends a worker as one transaction (citusdata/citus#1803), so a
+# write waiting for one removal while another removal waits for the write looks like a cycle.
+_DEADLOCK_DETECTED = "40P01"
 _RETRY_ATTEMPTS = 10
 _RETRY_PAUSE = 0.005  # seconds, at most, times the attempt number
 # MySQL error 1153: a statement (a value) larger than the server's max_allowed_packet.
@@ -385,7 +390,10 @@ class Executor:
                 if attempt < _RETRY_ATTEMPTS:
                     if _sqlstate(error) == _FOREIGN_KEY_VIOLATION:
                         continue
-                    if _mysql_errno(error) in _MYSQL_RETRIED:
+                    if (
+                        _mysql_errno(error) in _MYSQL_RETRIED
+                        or _sqlstate(error) == _DEADLOCK_DETECTED
+                    ):
                         await asyncio.sleep(random.uniform(0, _RETRY_PAUSE * attempt))
                         continue
                 raise backend_error(operation, error) from error

@@ -315,3 +315,69 @@ def test_alembic_x_citus_true(citus_cluster: CitusCluster) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert set(asyncio.run(_distribution(url))) == {"sessions", "session_values"}
+
+
+async def test_a_false_distributed_deadlock_is_retried(citus_db: str) -> None:
+    """Citus's distributed deadlock detector counts every single-statement transaction the
+    coordinator sends a worker outside a transaction block as one transaction (number 0,
+    citusdata/citus#1803), so writes and removals racing on one session can look like a
+    cycle where there is none, and the detector cancels a write (SQLSTATE 40P01). Here:
+    statement 1 holds a value row of X; the write (a distributed transaction) holds X's
+    session row and waits for statement 1; statement 2 waits for the session row; a second
+    write waits behind statement 2. Statements 1 and 2 are "the same" transaction to the
+    detector: write -> 0 -> write. The cancelled write is run again and succeeds once the
+    statements end; neither write raises."""
+    async with SQLAlchemyBackend.from_url(citus_db) as backend:
+        await backend.write_values("X", {"k": b"old"})
+        holder = await asyncpg.connect(_dsn(citus_db))
+        waiter = await asyncpg.connect(_dsn(citus_db))
+        try:
+            holding = asyncio.create_task(
+                holder.execute(
+                    "WITH held AS (SELECT key FROM session_values "
+                    "WHERE session_id = 'X' AND key = 'k' FOR UPDATE) "
+                    "SELECT pg_sleep(6) FROM held"
+                )
+            )
+            await _wait_for_lock_wait(citus_db, 0, "pg_sleep")
+            write = asyncio.create_task(backend.update_session("X", {"k": b"new"}))
+            await _wait_for_lock_wait(citus_db, 1)
+            waiting = asyncio.create_task(
+                waiter.execute("SELECT 1 FROM sessions WHERE id = 'X' FOR UPDATE")
+            )
+            await _wait_for_lock_wait(citus_db, 2)
+            behind = asyncio.create_task(backend.write_value("X", "j", b"v"))
+            await guard(holding, "the statement holding the value row")
+            await guard(waiting, "the statement waiting for the session row")
+            await guard(write, "the write")
+            await guard(behind, "the write behind it")
+        finally:
+            await holder.close()
+            await waiter.close()
+        assert await backend.read_values("X") == {"k": b"new", "j": b"v"}
+
+
+async def _wait_for_lock_wait(url: str, count: int, running: str | None = None) -> None:
+    """Until ``count`` backends of the worker holding session X wait for a lock (and, with
+    ``running``, one runs a query containing it)."""
+    [(host, port)] = await _query(
+        url,
+        "SELECT nodename, nodeport FROM pg_dist_placement JOIN pg_dist_node USING (groupid) "
+        "WHERE shardid = get_shard_id_for_distribution_column('sessions', 'X')",
+    )
+    node = make_url(_dsn(url)).set(host=host, port=port)
+    worker = await asyncpg.connect(node.render_as_string(hide_password=False))
+    try:
+        for _ in range(1000):
+            waiting, found = await worker.fetchrow(
+                "SELECT count(*) FILTER (WHERE wait_event_type = 'Lock'), "
+                "count(*) FILTER (WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()) "
+                "FROM pg_stat_activity WHERE datname = current_database()",
+                running or "",
+            )
+            if waiting >= count and (running is None or found):
+                return
+            await asyncio.sleep(0.01)
+    finally:
+        await worker.close()
+    raise AssertionError(f"fewer than {count} backends waiting for a lock")
