@@ -207,6 +207,8 @@ async def test_migrate_with_citus_on_plain_postgresql_is_refused(
 ) -> None:
     with pytest.raises(BackendError, match="no citus extension"):
         await migrate(fresh_postgres_url, citus=True)
+    # Refused before any change: no table was created.
+    assert await _on(fresh_postgres_url, lambda c: inspect(c).get_table_names()) == []
     with pytest.raises(TypeError, match="citus"):
         await migrate(fresh_postgres_url, citus="yes")  # type: ignore[arg-type]
 
@@ -314,4 +316,48 @@ def test_alembic_x_citus_true(citus_cluster: CitusCluster) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    assert set(asyncio.run(_distribution(url))) == {"sessions", "session_values"}
+
+
+def _sessions_sql(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SESSIONS_SQL_URL": url}
+    return subprocess.run(
+        [sys.executable, "-m", "sessions_sql", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_migrate_citus(
+    citus_cluster: CitusCluster, fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    """`sessions-sql migrate --citus` distributes the tables, idempotently; it is refused
+    where it cannot apply, with the reason, before anything runs."""
+    url = citus_cluster.new_database()
+    result = _sessions_sql("migrate", "--citus", url=url)
+    assert result.returncode == 0, result.stderr
+    assert set(asyncio.run(_distribution(url))) == {"sessions", "session_values"}
+    assert _sessions_sql("migrate", "upgrade", "head", "--citus", url=url).returncode == 0
+
+    result = _sessions_sql("migrate", "--citus", url=fresh_postgres_url)
+    assert result.returncode == 1
+    assert "no citus extension" in result.stderr
+    assert (
+        asyncio.run(
+            _query(
+                fresh_postgres_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            )
+        )
+        == []
+    )
+    for args in (("downgrade", "base", "--citus"), ("upgrade", "--sql", "--citus")):
+        result = _sessions_sql("migrate", *args, url=url)
+        assert result.returncode == 2
+        assert "--citus applies to an upgrade" in result.stderr
+    result = _sessions_sql("migrate", "--citus", url=f"sqlite+aiosqlite:///{tmp_path}/s.db")
+    assert result.returncode == 2
+    assert "Citus coordinator" in result.stderr
+    assert not (tmp_path / "s.db").exists()
     assert set(asyncio.run(_distribution(url))) == {"sessions", "session_values"}
