@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from sessions_sql import BackendError, SQLAlchemyBackend, migrate
 from sessions_sql._dialects import Script
+from sessions_sql._dialects.citus import CITUS_FUNCTIONS
 from sessions_sql._migrate import VERSION_TABLE, alembic_config
 from sessions_sql.models import Base
 
@@ -361,3 +362,32 @@ def test_cli_migrate_citus(
     assert "Citus coordinator" in result.stderr
     assert not (tmp_path / "s.db").exists()
     assert set(asyncio.run(_distribution(url))) == {"sessions", "session_values"}
+
+
+async def test_tables_in_a_schema(fresh_citus_url: str) -> None:
+    """``schema=``: the tables, the version table and the functions in that schema,
+    distributed there; a backend on that schema finds Citus and routes its writes and reads
+    to one shard, and the batch removals run on the schema's shards."""
+    url = fresh_citus_url
+    await migrate(url, schema="app", citus=True)
+    assert set(await _distribution(url)) == {"app.sessions", "app.session_values"}
+    functions = await _query(
+        url,
+        "SELECT proname FROM pg_proc JOIN pg_namespace n ON n.oid = pronamespace "
+        "WHERE nspname = 'app' AND proname LIKE 'sessions_sql_%'",
+    )
+    assert {name for (name,) in functions} == set(CITUS_FUNCTIONS)
+    async with SQLAlchemyBackend.from_url(url, schema="app") as backend:
+        await backend.write_value("s1", "k", b"v")
+        await backend.update_session("s2", {"a": b"1"}, expires_at=1_000)
+        assert backend._executor.dialect.name == "citus"
+        assert await backend.read_values("s1") == {"k": b"v"}
+        for name in ("write_value", "read_value", "update_session"):
+            [plan] = await _explain(url, backend, _scripts(backend)[name])
+            assert _routed(plan), (name, plan)
+        assert await backend.remove_expired_sessions() == 1
+        assert await backend.get_sessions() == ["s1"]
+        assert await backend.remove_sessions_created_before(4_000_000_000) == 1
+        assert await backend.get_sessions() == []
+    # Nothing in the default schema.
+    assert await _query(url, "SELECT to_regclass('public.sessions')") == [(None,)]
