@@ -391,3 +391,21 @@ async def test_tables_in_a_schema(fresh_citus_url: str) -> None:
         assert await backend.get_sessions() == []
     # Nothing in the default schema.
     assert await _query(url, "SELECT to_regclass('public.sessions')") == [(None,)]
+
+
+async def test_batches_in_a_host_transaction_commit_on_their_own(citus_db: str) -> None:
+    """Through using(): the collector's batches run on their own connections to the workers
+    and commit there, so the host rolling back its transaction does not bring them back
+    (as the README says), while the host's own write in it is rolled back."""
+    engine = create_async_engine(citus_db)
+    try:
+        backend = SQLAlchemyBackend(engine)
+        await backend.write_value("old", "k", b"v")
+        async with engine.connect() as conn:
+            bound = backend.using(conn)
+            await bound.write_value("new", "k", b"v")
+            assert await bound.remove_sessions_created_before(4_000_000_000) >= 1
+            await conn.rollback()
+        assert await backend.get_sessions() == []
+    finally:
+        await engine.dispose()
