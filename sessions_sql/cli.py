@@ -239,10 +239,16 @@ def _migrate(args: argparse.Namespace) -> None:
         raise CLIError("migrate current takes no revision", 2)
     if args.action == "downgrade" and args.rev is None:
         raise CLIError("migrate downgrade needs a revision (e.g. base)", 2)
+    if args.citus and (args.action != "upgrade" or args.sql):
+        raise CLIError("--citus applies to an upgrade run on the database (not --sql)", 2)
+    if args.citus and url.get_backend_name() != "postgresql":
+        raise CLIError("--citus needs a Citus coordinator (a postgresql:// URL)", 2)
     path = _sqlite_file(url)
     if path is not None and not args.sql and args.action != "history":
         _check_sqlite_file(path)
-    config = alembic_config(url=url.render_as_string(hide_password=False), schema=args.schema)
+    config = alembic_config(
+        url=url.render_as_string(hide_password=False), schema=args.schema, citus=args.citus
+    )
     config.stdout = sys.stdout
     # Alembic's progress lines ("Running upgrade ...") go to stderr, as with the alembic command.
     log = logging.getLogger("alembic")
@@ -460,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--sql", action="store_true", help="print the SQL for a DBA instead of running it"
+    )
+    sub.add_argument(
+        "--citus",
+        action="store_true",
+        help="after the upgrade, distribute the tables on this Citus coordinator by session id",
     )
 
     sub = add("list", "List session ids with creation times (UTC ISO 8601, Unix seconds).", _list)

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from sessions_sql import BackendError, SQLAlchemyBackend, migrate
 from sessions_sql._dialects import Script
+from sessions_sql._dialects.citus import CITUS_FUNCTIONS
 from sessions_sql._migrate import VERSION_TABLE, alembic_config
 from sessions_sql.models import Base
 
@@ -207,6 +208,8 @@ async def test_migrate_with_citus_on_plain_postgresql_is_refused(
 ) -> None:
     with pytest.raises(BackendError, match="no citus extension"):
         await migrate(fresh_postgres_url, citus=True)
+    # Refused before any change: no table was created.
+    assert await _on(fresh_postgres_url, lambda c: inspect(c).get_table_names()) == []
     with pytest.raises(TypeError, match="citus"):
         await migrate(fresh_postgres_url, citus="yes")  # type: ignore[arg-type]
 
@@ -381,3 +384,94 @@ async def _wait_for_lock_wait(url: str, count: int, running: str | None = None) 
     finally:
         await worker.close()
     raise AssertionError(f"fewer than {count} backends waiting for a lock")
+
+
+def _sessions_sql(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SESSIONS_SQL_URL": url}
+    return subprocess.run(
+        [sys.executable, "-m", "sessions_sql", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_migrate_citus(
+    citus_cluster: CitusCluster, fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    """`sessions-sql migrate --citus` distributes the tables, idempotently; it is refused
+    where it cannot apply, with the reason, before anything runs."""
+    url = citus_cluster.new_database()
+    result = _sessions_sql("migrate", "--citus", url=url)
+    assert result.returncode == 0, result.stderr
+    assert set(asyncio.run(_distribution(url))) == {"sessions", "session_values"}
+    assert _sessions_sql("migrate", "upgrade", "head", "--citus", url=url).returncode == 0
+
+    result = _sessions_sql("migrate", "--citus", url=fresh_postgres_url)
+    assert result.returncode == 1
+    assert "no citus extension" in result.stderr
+    assert (
+        asyncio.run(
+            _query(
+                fresh_postgres_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            )
+        )
+        == []
+    )
+    for args in (("downgrade", "base", "--citus"), ("upgrade", "--sql", "--citus")):
+        result = _sessions_sql("migrate", *args, url=url)
+        assert result.returncode == 2
+        assert "--citus applies to an upgrade" in result.stderr
+    result = _sessions_sql("migrate", "--citus", url=f"sqlite+aiosqlite:///{tmp_path}/s.db")
+    assert result.returncode == 2
+    assert "Citus coordinator" in result.stderr
+    assert not (tmp_path / "s.db").exists()
+    assert set(asyncio.run(_distribution(url))) == {"sessions", "session_values"}
+
+
+async def test_tables_in_a_schema(fresh_citus_url: str) -> None:
+    """``schema=``: the tables, the version table and the functions in that schema,
+    distributed there; a backend on that schema finds Citus and routes its writes and reads
+    to one shard, and the batch removals run on the schema's shards."""
+    url = fresh_citus_url
+    await migrate(url, schema="app", citus=True)
+    assert set(await _distribution(url)) == {"app.sessions", "app.session_values"}
+    functions = await _query(
+        url,
+        "SELECT proname FROM pg_proc JOIN pg_namespace n ON n.oid = pronamespace "
+        "WHERE nspname = 'app' AND proname LIKE 'sessions_sql_%'",
+    )
+    assert {name for (name,) in functions} == set(CITUS_FUNCTIONS)
+    async with SQLAlchemyBackend.from_url(url, schema="app") as backend:
+        await backend.write_value("s1", "k", b"v")
+        await backend.update_session("s2", {"a": b"1"}, expires_at=1_000)
+        assert backend._executor.dialect.name == "citus"
+        assert await backend.read_values("s1") == {"k": b"v"}
+        for name in ("write_value", "read_value", "update_session"):
+            [plan] = await _explain(url, backend, _scripts(backend)[name])
+            assert _routed(plan), (name, plan)
+        assert await backend.remove_expired_sessions() == 1
+        assert await backend.get_sessions() == ["s1"]
+        assert await backend.remove_sessions_created_before(4_000_000_000) == 1
+        assert await backend.get_sessions() == []
+    # Nothing in the default schema.
+    assert await _query(url, "SELECT to_regclass('public.sessions')") == [(None,)]
+
+
+async def test_batches_in_a_host_transaction_commit_on_their_own(citus_db: str) -> None:
+    """Through using(): the collector's batches run on their own connections to the workers
+    and commit there, so the host rolling back its transaction does not bring them back
+    (as the README says), while the host's own write in it is rolled back."""
+    engine = create_async_engine(citus_db)
+    try:
+        backend = SQLAlchemyBackend(engine)
+        await backend.write_value("old", "k", b"v")
+        async with engine.connect() as conn:
+            bound = backend.using(conn)
+            await bound.write_value("new", "k", b"v")
+            assert await bound.remove_sessions_created_before(4_000_000_000) >= 1
+            await conn.rollback()
+        assert await backend.get_sessions() == []
+    finally:
+        await engine.dispose()

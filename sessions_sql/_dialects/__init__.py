@@ -16,7 +16,7 @@ import dataclasses
 
 from sqlalchemy.engine import Connection
 
-from .citus import distribute_on_citus, find_citus
+from .citus import distribute_on_citus, find_citus, require_citus
 from .common import Dialect, Many, Params, Script
 from .mysql import MYSQL
 from .postgresql import POSTGRESQL
@@ -30,6 +30,7 @@ __all__ = [
     "dialect_for",
     "distribute_on_citus",
     "migration_lock",
+    "require_citus",
 ]
 
 _DIALECTS = {

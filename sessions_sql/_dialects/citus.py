@@ -188,6 +188,16 @@ def _citus_setup(connection: Connection, schema: str | None) -> list[str]:
     return statements
 
 
+def require_citus(connection: Connection) -> None:
+    """Raise ``BackendError`` unless the database has the citus extension."""
+    if connection.dialect.name != "postgresql" or not has_citus(connection):
+        raise BackendError(
+            "citus was asked for, but the database has no citus extension "
+            "(CREATE EXTENSION citus on a Citus coordinator)"
+        )
+    connection.commit()
+
+
 def distribute_on_citus(connection: Connection, schema: str | None) -> None:
     """On a Citus coordinator, distribute the tables (in ``schema``) by session id,
     co-located, and create the functions of the Citus dialect; idempotent, and nothing to
@@ -195,11 +205,7 @@ def distribute_on_citus(connection: Connection, schema: str | None) -> None:
 
     Raises ``BackendError`` when the database has no citus extension.
     """
-    if connection.dialect.name != "postgresql" or not has_citus(connection):
-        raise BackendError(
-            "citus was asked for, but the database has no citus extension "
-            "(CREATE EXTENSION citus on a Citus coordinator)"
-        )
+    require_citus(connection)
     sessions = _qualified(connection, schema, "sessions")
     if connection.execute(_EXISTS, {"table": sessions}).scalar_one():
         for statement in _citus_setup(connection, schema):

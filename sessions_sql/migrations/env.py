@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.schema import CreateSchema
 
-from sessions_sql._dialects import distribute_on_citus, migration_lock
+from sessions_sql._dialects import distribute_on_citus, migration_lock, require_citus
 from sessions_sql._migrate import VERSION_TABLE
 from sessions_sql.models import Base
 
@@ -76,7 +76,10 @@ def run_offline() -> None:
 
 def run_on(connection: Connection) -> None:
     """Upgrade on ``connection`` (outside a transaction) under the database's migration
-    lock, and commit."""
+    lock, and commit; with citus asked for, only on a database that has it."""
+    citus = _citus()
+    if citus:
+        require_citus(connection)  # before any change
     with migration_lock(connection):
         schema = _schema()
         if schema is not None and connection.dialect.name == "postgresql":
@@ -87,7 +90,7 @@ def run_on(connection: Connection) -> None:
             context.run_migrations()
         if connection.in_transaction():
             connection.commit()
-        if _citus():
+        if citus:
             distribute_on_citus(connection, schema)
 
 
