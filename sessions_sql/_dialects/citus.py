@@ -201,11 +201,9 @@ def require_citus(connection: Connection) -> None:
 def distribute_on_citus(connection: Connection, schema: str | None) -> None:
     """On a Citus coordinator, distribute the tables (in ``schema``) by session id,
     co-located, and create the functions of the Citus dialect; idempotent, and nothing to
-    do when the tables do not exist (a downgrade to base). Commits each step.
-
-    Raises ``BackendError`` when the database has no citus extension.
+    do when the tables do not exist (a downgrade to base). Commits each step. The caller
+    checks the database first (:func:`require_citus`, before any migration runs).
     """
-    require_citus(connection)
     sessions = _qualified(connection, schema, "sessions")
     if connection.execute(_EXISTS, {"table": sessions}).scalar_one():
         for statement in _citus_setup(connection, schema):
